@@ -1,0 +1,82 @@
+"""fastlmk's compiled kernels: the probability-weighted landmark vote (CPU and CUDA).
+
+Private: call :func:`fastlmk.ops.vote`, which checks and converts its inputs.
+Every output row is ``(position[0..D), weight, spread)`` in float64, positions as
+continuous input-pixel indices in grid (numpy) axis order; see :mod:`fastlmk.ops`.
+"""
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+
+def vote_cpu(
+    prob: npt.NDArray[np.float32],
+    disp: npt.NDArray[np.float32],
+    *,
+    stride: Sequence[float],
+    origin: Sequence[float],
+    transform: str,
+    min_prob: float,
+) -> npt.NDArray[np.float64]:
+    """Vote on the CPU with the GIL released, reading any strides in place.
+
+    Args:
+        prob: (L, *grid) native float32, 2 or 3 grid axes.
+        disp: (L, D, *grid) native float32.
+        stride: 1 or D input pixels per cell (positive).
+        origin: 1 or D input-pixel indices of the centre of cell 0.
+        transform: ``"linear"`` or ``"signed_log10"``.
+        min_prob: cells with ``p < min_prob`` (or ``p <= 0``, or NaN) do not vote.
+
+    Returns:
+        (L, D + 2) float64 rows ``(position..., weight, spread)``; NaN position and
+        spread where the weight is 0.
+
+    Raises:
+        TypeError: prob or disp is not a native float32 array.
+        ValueError: shapes or parameters are inconsistent or out of range.
+    """
+
+def vote_cuda(
+    *,
+    prob_ptr: int,
+    prob_shape: Sequence[int],
+    prob_strides: Sequence[int],
+    disp_ptr: int,
+    disp_shape: Sequence[int],
+    disp_strides: Sequence[int],
+    stride: Sequence[float],
+    origin: Sequence[float],
+    transform: str,
+    min_prob: float,
+    out_ptr: int,
+    device: int,
+    stream: int,
+) -> None:
+    """Enqueue the vote on a CUDA stream; returns without synchronising.
+
+    Args:
+        prob_ptr: device address of prob's first float32 element (``tensor.data_ptr()``).
+        prob_shape: (L, *grid).
+        prob_strides: prob's strides in elements (``tensor.stride()``).
+        disp_ptr: device address of disp's first float32 element.
+        disp_shape: (L, D, *grid).
+        disp_strides: disp's strides in elements.
+        stride, origin, transform, min_prob: as for :func:`vote_cpu`.
+        out_ptr: device address of a preallocated C-contiguous (L, D + 2) float64
+            buffer that receives the rows ``(position..., weight, spread)``.
+        device: CUDA device index holding all three buffers.
+        stream: the ``cudaStream_t`` to run on (``torch.cuda.Stream.cuda_stream``).
+
+    Raises:
+        RuntimeError: a CUDA call failed (with cudaGetErrorString's text), or the
+            module was built without CUDA support.
+        ValueError: shapes or parameters are inconsistent or out of range.
+    """
+
+def cuda_compiled() -> bool:
+    """Whether this build contains the CUDA kernel."""
+
+def cuda_device_count() -> int:
+    """Number of visible CUDA devices; 0 without CUDA support, driver or device."""
