@@ -1,0 +1,136 @@
+"""Command line: ``fastlmk train | localize | evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from .errors import FastlmkError
+
+__all__ = ["main"]
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .train import train
+
+    out = train(args.config, output=args.output, resume=args.resume)
+    print(out)
+    return 0
+
+
+def _cmd_localize(args: argparse.Namespace) -> int:
+    from .inference import localize
+    from .io import as_image
+    from .landmark_files import write_landmark_csv
+    from .model import load_model
+    from .overlay import write_overlay
+
+    model = load_model(args.model)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    spacing = None
+    if args.spacing:
+        spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    table = {}
+    failures = 0
+    for item in args.inputs:
+        try:
+            image = as_image(item, spacing=spacing)
+            lm = localize(image, model, backend=args.backend)
+        except FastlmkError as exc:
+            print(f"error: {item}: {exc}", file=sys.stderr)
+            failures += 1
+            continue
+        lm.image = Path(item).name.split(".")[0]
+        stem = out / lm.image
+        lm.to_csv(stem.with_suffix(".csv"))
+        lm.to_json(stem.with_suffix(".json"))
+        lm.to_slicer(out / f"{lm.image}.mrk.json")
+        if args.overlay:
+            write_overlay(image, lm, stem.with_suffix(".png"))
+        table[lm.image] = dict(zip(lm.names, lm.points_mm, strict=True))
+        n_flag = int(lm.flagged.sum())
+        print(f"{item}: {len(lm)} landmarks" + (f", {n_flag} flagged" if n_flag else ""))
+    if table:
+        write_landmark_csv(out / "landmarks.csv", table)
+    return 1 if failures else 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_report
+    from .landmark_files import read_landmarks
+
+    pred: dict = {}
+    for p in args.pred:
+        path = Path(p)
+        files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+        for f in files:
+            for image_id, pts in read_landmarks(f).items():
+                pred.setdefault(image_id, {}).update(pts)
+    refs = {Path(r).stem: read_landmarks(r) for r in args.ref}
+    result = evaluate(pred, refs)
+    print(format_report(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fastlmk",
+        description=("Anatomical landmark localization in 2D/3D medical images (physical LPS mm)."),
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model from images + landmark files")
+    p.add_argument("--config", required=True, help="training configuration (TOML)")
+    p.add_argument("--output", help="model directory (overrides the config)")
+    p.add_argument("--resume", action="store_true", help="continue from output/checkpoint")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("localize", help="localize landmarks in images")
+    p.add_argument("model", help="bundled model name or model directory")
+    p.add_argument("inputs", nargs="+", help="image files or DICOM series directories")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        help="pixel spacing in mm (one number, or x y [z]); required for 2D files",
+    )
+    p.add_argument("--overlay", action="store_true", help="also write a PNG overlay per image")
+    p.add_argument("--backend", default="auto", help="inference backend (default: auto)")
+    p.set_defaults(func=_cmd_localize)
+
+    p = sub.add_parser("evaluate", help="MRE / SDR of predictions against references")
+    p.add_argument(
+        "--pred",
+        nargs="+",
+        required=True,
+        help="predicted landmark CSV files or directories of them",
+    )
+    p.add_argument(
+        "--ref",
+        action="append",
+        required=True,
+        help="reference landmark file; repeat for several annotators",
+    )
+    p.add_argument("--out", help="write the metrics as JSON")
+    p.set_defaults(func=_cmd_evaluate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FastlmkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

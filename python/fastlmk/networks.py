@@ -1,0 +1,221 @@
+"""Fully convolutional regression + classification networks (Noothout et al., 2020).
+
+One implementation serves the global network and the batched local networks, in 2D
+and 3D. A network maps an image to a coarse grid of cells; for every cell and
+landmark it predicts a classification logit (the landmark lies in this cell) and a
+displacement from the cell centre to the landmark (in input pixels, through a
+signed-log transform).
+
+The L per-landmark local networks are one module with ``groups=L``: every
+convolution is grouped, so group ``l`` sees only input channel ``l`` (the crop
+around landmark ``l``) and produces only landmark ``l``'s outputs. This runs the L
+networks as one call (and exports to one ONNX graph) while keeping their weights
+independent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["LandmarkFCN", "NetworkSpec", "build_network", "cell_origin", "split_outputs"]
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """Architecture of a regression + classification FCN.
+
+    Attributes:
+        channels: Feature channels of each residual stage (per group).
+        blocks: Residual blocks in each stage (same length as ``channels``).
+        pools: The first ``pools`` stages end with a 2x average pooling.
+        stem_kernel: Kernel size of the stride-2 stem convolution.
+        head_channels: Width of an optional hidden 1x1 layer before the heads (0: none).
+    """
+
+    channels: tuple[int, ...] = (16, 32, 64, 64)
+    blocks: tuple[int, ...] = (1, 1, 2, 1)
+    pools: int = 3
+    stem_kernel: int = 5
+    head_channels: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.channels) != len(self.blocks) or not self.channels:
+            raise ValueError(
+                f"network spec: channels {self.channels} and blocks {self.blocks} must be "
+                "non-empty and of equal length"
+            )
+        if not 0 <= self.pools <= len(self.channels):
+            raise ValueError(
+                f"network spec: pools={self.pools} must be in [0, {len(self.channels)}]"
+            )
+
+    @property
+    def stride(self) -> int:
+        """Input pixels per output cell along every axis."""
+        return 2 * 2**self.pools
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["channels"] = list(self.channels)
+        d["blocks"] = list(self.blocks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> NetworkSpec:
+        known = {"channels", "blocks", "pools", "stem_kernel", "head_channels"}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(
+                f"network spec: unknown keys {sorted(unknown)}; known: {sorted(known)}"
+            )
+        return cls(
+            channels=tuple(int(c) for c in d.get("channels", cls.channels)),
+            blocks=tuple(int(b) for b in d.get("blocks", cls.blocks)),
+            pools=int(d.get("pools", cls.pools)),
+            stem_kernel=int(d.get("stem_kernel", cls.stem_kernel)),
+            head_channels=int(d.get("head_channels", 0)),
+        )
+
+
+def cell_origin(stride: int) -> float:
+    """Input-pixel index of the centre of output cell 0 (the cell covers pixels 0..stride-1)."""
+    return (stride - 1) / 2.0
+
+
+def _conv(dim: int) -> type[nn.Module]:
+    return nn.Conv2d if dim == 2 else nn.Conv3d
+
+
+def _norm(dim: int) -> type[nn.Module]:
+    return nn.BatchNorm2d if dim == 2 else nn.BatchNorm3d
+
+
+def _pool(dim: int) -> nn.Module:
+    return nn.AvgPool2d(2) if dim == 2 else nn.AvgPool3d(2)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, dim: int, cin: int, cout: int, groups: int) -> None:
+        super().__init__()
+        conv, norm = _conv(dim), _norm(dim)
+        self.conv1 = conv(cin * groups, cout * groups, 3, padding=1, groups=groups, bias=False)
+        self.norm1 = norm(cout * groups)
+        self.conv2 = conv(cout * groups, cout * groups, 3, padding=1, groups=groups, bias=False)
+        self.norm2 = norm(cout * groups)
+        self.skip: nn.Module = (
+            nn.Identity()
+            if cin == cout
+            else nn.Sequential(
+                conv(cin * groups, cout * groups, 1, groups=groups, bias=False), norm(cout * groups)
+            )
+        )
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.act(self.norm1(self.conv1(x)))
+        y = self.norm2(self.conv2(y))
+        return self.act(y + self.skip(x))
+
+
+class LandmarkFCN(nn.Module):
+    """Regression + classification FCN, optionally ``groups`` independent networks in one.
+
+    Args:
+        dim: Spatial dimensionality, 2 or 3.
+        n_landmarks: Landmarks predicted by each group (L for the global network, 1 for
+            each local network).
+        spec: Architecture.
+        groups: Number of independent networks run side by side (1 for the global
+            network, L for the local networks).
+
+    Input:  ``(B, groups, *S)`` float32, spatial axes in array order ((y, x) or (z, y, x)),
+        every spatial size a multiple of ``spec.stride``.
+    Output: ``(logits, disp)``: logits ``(B, groups * n_landmarks, *G)`` and displacements
+        ``(B, groups * n_landmarks * dim, *G)`` with ``G = S / stride``; displacement
+        channel ``(l * dim + k)`` is landmark ``l``'s component along spatial axis ``k``
+        (array order), in signed-log10 input pixels.
+    """
+
+    def __init__(self, dim: int, n_landmarks: int, spec: NetworkSpec, groups: int = 1) -> None:
+        super().__init__()
+        if dim not in (2, 3):
+            raise ValueError(f"dim must be 2 or 3, got {dim}")
+        if n_landmarks < 1 or groups < 1:
+            raise ValueError(f"n_landmarks ({n_landmarks}) and groups ({groups}) must be >= 1")
+        self.dim, self.n_landmarks, self.groups, self.spec = dim, n_landmarks, groups, spec
+        conv, norm = _conv(dim), _norm(dim)
+        g = groups
+        c0 = spec.channels[0]
+        self.stem = nn.Sequential(
+            conv(
+                g,
+                c0 * g,
+                spec.stem_kernel,
+                stride=2,
+                padding=spec.stem_kernel // 2,
+                groups=g,
+                bias=False,
+            ),
+            norm(c0 * g),
+            nn.ReLU(inplace=True),
+        )
+        layers: list[nn.Module] = []
+        cin = c0
+        for i, (cout, nblocks) in enumerate(zip(spec.channels, spec.blocks, strict=True)):
+            for _ in range(nblocks):
+                layers.append(_ResidualBlock(dim, cin, cout, g))
+                cin = cout
+            if i < spec.pools:
+                layers.append(_pool(dim))
+        self.body = nn.Sequential(*layers)
+        head_in = cin
+        self.hidden: nn.Module = nn.Identity()
+        if spec.head_channels > 0:
+            self.hidden = nn.Sequential(
+                conv(cin * g, spec.head_channels * g, 1, groups=g), nn.ReLU(inplace=True)
+            )
+            head_in = spec.head_channels
+        self.cls_head = conv(head_in * g, n_landmarks * g, 1, groups=g)
+        self.reg_head = conv(head_in * g, n_landmarks * dim * g, 1, groups=g)
+        # A positive cell is rare (one per landmark): start from a low prior probability so
+        # the first iterations are not spent unlearning p = 0.5 everywhere.
+        nn.init.constant_(self.cls_head.bias, -4.0)
+
+    @property
+    def stride(self) -> int:
+        return self.spec.stride
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.hidden(self.body(self.stem(x)))
+        return self.cls_head(features), self.reg_head(features)
+
+
+def build_network(
+    dim: int, n_landmarks: int, spec: NetworkSpec | dict[str, Any], groups: int = 1
+) -> LandmarkFCN:
+    """Build a :class:`LandmarkFCN` from a spec or its dict form."""
+    if isinstance(spec, dict):
+        spec = NetworkSpec.from_dict(spec)
+    return LandmarkFCN(dim, n_landmarks, spec, groups=groups)
+
+
+def split_outputs(
+    logits: torch.Tensor, disp: torch.Tensor, dim: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reshape one sample's network outputs to the vote's layout.
+
+    Args:
+        logits: ``(L, *G)`` classification logits of one sample.
+        disp: ``(L * dim, *G)`` displacements of one sample.
+        dim: Spatial dimensionality.
+
+    Returns:
+        ``(prob (L, *G), disp (L, dim, *G))`` with prob = sigmoid(logits).
+    """
+    grid: Sequence[int] = logits.shape[1:]
+    return torch.sigmoid(logits), disp.reshape(logits.shape[0], dim, *grid)
