@@ -1,0 +1,156 @@
+"""localize(): input handling, bad input, flags, outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import fastlmk
+from fastlmk import InvalidImageError, MissingSpacingError, ModelError, load_model, localize
+from fastlmk.landmark_files import read_landmark_csv, read_slicer_markups
+from fastlmk.model import LandmarkModel
+
+
+@pytest.fixture(scope="module")
+def model(model_2d: Path) -> LandmarkModel:
+    return load_model(model_2d)
+
+
+@pytest.fixture(scope="module")
+def image(phantom_2d: Path) -> sitk.Image:
+    return sitk.ReadImage(str(phantom_2d / "images" / "phantom060.mha"))
+
+
+def test_every_input_type_gives_the_same_points(
+    model: LandmarkModel, image: sitk.Image, phantom_2d: Path
+) -> None:
+    ref = localize(phantom_2d / "images" / "phantom060.mha", model)
+    array = sitk.GetArrayFromImage(image)
+    spacing, origin = image.GetSpacing(), image.GetOrigin()
+    # a numpy array / tensor with the image's geometry, and a SimpleITK image
+    for other in (
+        localize(image, model),
+        localize(array, model, spacing=spacing) if origin == (0.0, 0.0) else None,
+        localize(
+            fastlmk.io.as_image(torch.from_numpy(array), spacing=spacing, origin=origin), model
+        ),
+        localize(str(phantom_2d / "images" / "phantom060.mha"), model, backend="torch"),
+    ):
+        if other is not None:
+            np.testing.assert_allclose(other.points_mm, ref.points_mm, atol=1e-6)
+    # the index is the continuous voxel index of the input image, (x, y) order
+    for p, idx in zip(ref.points_mm, ref.index, strict=True):
+        np.testing.assert_allclose(image.TransformContinuousIndexToPhysicalPoint(idx), p, atol=1e-9)
+    assert ref.image == "phantom060"
+
+
+def test_spacing_override_scales_points(model: LandmarkModel, image: sitk.Image) -> None:
+    array = sitk.GetArrayFromImage(image)
+    a = localize(array, model, spacing=1.0)
+    b = localize(array, model, spacing=(1.0, 1.0))
+    np.testing.assert_allclose(a.points_mm, b.points_mm)
+    np.testing.assert_allclose(a.index, b.index)
+
+
+@pytest.mark.parametrize(
+    ("bad", "kwargs", "error", "match"),
+    [
+        (
+            np.zeros((4, 5, 6, 7), np.float32),
+            {"spacing": 1.0},
+            InvalidImageError,
+            "shape .4, 5, 6, 7.",
+        ),
+        (np.zeros((0, 10), np.float32), {"spacing": 1.0}, InvalidImageError, "empty"),
+        (np.full((40, 40), np.nan, np.float32), {"spacing": 1.0}, InvalidImageError, "NaN|finite"),
+        (np.full((40, 40), np.inf, np.float32), {"spacing": 1.0}, InvalidImageError, "Inf|finite"),
+        (np.ones((40, 40), np.float32), {"spacing": 0.0}, InvalidImageError, "spacing"),
+        (np.ones((40, 40), np.float32), {"spacing": -1.0}, InvalidImageError, "spacing"),
+        (np.ones((40, 40), np.float32), {}, MissingSpacingError, "spacing"),
+        (np.ones((20, 30, 30), np.float32), {"spacing": 1.0}, InvalidImageError, "3D"),
+    ],
+)
+def test_bad_input_raises_a_clear_error(
+    model: LandmarkModel, bad: np.ndarray, kwargs: dict, error: type[Exception], match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        localize(bad, model, **kwargs)
+
+
+def test_unreadable_files(model: LandmarkModel, tmp_path: Path, image: sitk.Image) -> None:
+    with pytest.raises(InvalidImageError, match="(?i)no such file"):
+        localize(tmp_path / "missing.nii.gz", model)
+    empty = tmp_path / "empty.mha"
+    empty.write_bytes(b"")
+    with pytest.raises(InvalidImageError, match="empty"):
+        localize(empty, model)
+    full = tmp_path / "full.nii"
+    sitk.WriteImage(image, str(full))
+    truncated = tmp_path / "truncated.nii"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    with pytest.raises(InvalidImageError, match="truncated"):
+        localize(truncated, model)
+    with pytest.raises(MissingSpacingError, match="spacing"):
+        png = tmp_path / "x.png"
+        sitk.WriteImage(sitk.Cast(sitk.RescaleIntensity(image), sitk.sitkUInt8), str(png))
+        localize(png, model)
+
+
+def test_unknown_model_and_backend(model: LandmarkModel, image: sitk.Image) -> None:
+    with pytest.raises(ModelError, match="no model named"):
+        load_model("no-such-model")
+    with pytest.raises(fastlmk.FastlmkError, match="unknown backend"):
+        localize(image, model, backend="quantum")
+
+
+def _copy(model: LandmarkModel) -> LandmarkModel:
+    clone = LandmarkModel.create(model.config)
+    clone.global_net.load_state_dict(model.global_net.state_dict())
+    assert clone.local_net is not None and model.local_net is not None
+    clone.local_net.load_state_dict(model.local_net.state_dict())
+    return clone
+
+
+def test_confident_on_good_input(model: LandmarkModel, image: sitk.Image) -> None:
+    lm = localize(image, model)
+    assert not lm.flagged.any() and (lm.confidence > 0.5).all()
+
+
+def test_near_zero_vote_weight_is_flagged(model: LandmarkModel, image: sitk.Image) -> None:
+    broken = _copy(model)
+    with torch.no_grad():
+        broken.global_net.cls_head.bias[1] = -40.0  # landmark 1: no cell votes
+    lm = localize(image, broken)
+    assert lm.flagged[1] and lm.confidence[1] < 0.1
+    assert not lm.flagged[[0, 2, 3]].any()
+
+
+def test_estimate_outside_the_image_is_flagged(model: LandmarkModel, image: sitk.Image) -> None:
+    broken = _copy(model)
+    assert broken.local_net is not None
+    with torch.no_grad():  # global and local displacements of landmark 2 point far away
+        broken.global_net.reg_head.bias[4:6] = 3.0
+        broken.local_net.reg_head.bias[4:6] = 3.0
+    lm = localize(image, broken)
+    assert lm.flagged[2] and not lm.details["inside_image"][2]
+    assert not lm.flagged[[0, 1, 3]].any()
+
+
+def test_outputs_round_trip(model: LandmarkModel, image: sitk.Image, tmp_path: Path) -> None:
+    lm = localize(image, model)
+    lm.image = "case1"
+    table = read_landmark_csv(lm.to_csv(tmp_path / "a.csv"))
+    np.testing.assert_allclose(np.array(list(table["case1"].values())), lm.points_mm)
+    names, pts = read_slicer_markups(lm.to_slicer(tmp_path / "a.mrk.json"))
+    assert names == lm.names
+    np.testing.assert_allclose(pts[:, :2], lm.points_mm, atol=1e-9)
+    doc = json.loads(lm.to_json(tmp_path / "a.json").read_text())
+    assert doc["coordinate_system"] == "LPS" and len(doc["landmarks"]) == len(lm)
+    assert lm[lm.names[0]].shape == (2,)
+    with pytest.raises(KeyError, match="no landmark named"):
+        lm["nope"]
