@@ -83,7 +83,7 @@ def test_bad_input_raises_a_clear_error(
 
 
 def test_unreadable_files(model: LandmarkModel, tmp_path: Path, image: sitk.Image) -> None:
-    with pytest.raises(InvalidImageError, match="(?i)no such file"):
+    with pytest.raises(InvalidImageError, match=r"(?i)no such file"):
         localize(tmp_path / "missing.nii.gz", model)
     empty = tmp_path / "empty.mha"
     empty.write_bytes(b"")

@@ -87,7 +87,7 @@ def cell_origin(stride: int) -> float:
     return (stride - 1) / 2.0
 
 
-def _conv(dim: int) -> type[nn.Module]:
+def _conv(dim: int) -> type[nn.Conv2d] | type[nn.Conv3d]:
     return nn.Conv2d if dim == 2 else nn.Conv3d
 
 
@@ -180,10 +180,11 @@ class LandmarkFCN(nn.Module):
                 conv(cin * g, spec.head_channels * g, 1, groups=g), nn.ReLU(inplace=True)
             )
             head_in = spec.head_channels
-        self.cls_head = conv(head_in * g, n_landmarks * g, 1, groups=g)
-        self.reg_head = conv(head_in * g, n_landmarks * dim * g, 1, groups=g)
+        self.cls_head: nn.Conv2d | nn.Conv3d = conv(head_in * g, n_landmarks * g, 1, groups=g)
+        self.reg_head: nn.Conv2d | nn.Conv3d = conv(head_in * g, n_landmarks * dim * g, 1, groups=g)
         # A positive cell is rare (one per landmark): start from a low prior probability so
         # the first iterations are not spent unlearning p = 0.5 everywhere.
+        assert self.cls_head.bias is not None
         nn.init.constant_(self.cls_head.bias, -4.0)
 
     @property

@@ -60,9 +60,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import FastlmkError
+from .evaluate import mean_table
 from .inference import errors_mm, localize
 from .io import read_image
-from .landmark_files import read_landmark_csv
+from .landmark_files import LandmarkTable, read_landmark_csv
 from .model import (
     ConfidenceSpec,
     IntensitySpec,
@@ -152,25 +153,19 @@ def _image_files(spec: str) -> dict[str, Path]:
     return out
 
 
-def _combine_annotators(files: list[str], annotator: Any) -> dict[str, dict[str, np.ndarray]]:
+def _combine_annotators(files: list[str], annotator: Any) -> LandmarkTable:
+    """One table from several annotators' files: their point-wise mean, or one of them."""
     tables = [read_landmark_csv(f) for f in files]
-    if annotator != "mean":
-        stems = [Path(f).stem for f in files]
-        if isinstance(annotator, int) and 0 <= annotator < len(files):
-            return tables[annotator]
-        if annotator in stems:
-            return tables[stems.index(annotator)]
-        raise TrainConfigError(
-            f"annotator {annotator!r} is neither 'mean', a file index nor one of {stems}"
-        )
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for image_id in tables[0]:
-        names = tables[0][image_id]
-        out[image_id] = {}
-        for name in names:
-            pts = [t[image_id][name] for t in tables if name in t.get(image_id, {})]
-            out[image_id][name] = np.mean(pts, axis=0)
-    return out
+    if annotator == "mean":
+        return mean_table(tables)
+    stems = [Path(f).stem for f in files]
+    if isinstance(annotator, int) and 0 <= annotator < len(files):
+        return tables[annotator]
+    if annotator in stems:
+        return tables[stems.index(annotator)]
+    raise TrainConfigError(
+        f"annotator {annotator!r} is neither 'mean', a file index nor one of {stems}"
+    )
 
 
 def _split(
@@ -407,10 +402,7 @@ class _Trainer:
         stack = self.fine_stack if fine else self.coarse_stack
         if stack is not None:
             return stack[idx]
-        return [
-            self.train[i].fine if fine else self.train[i].coarse  # type: ignore[misc]
-            for i in idx.tolist()
-        ]
+        return [self.train[i].fine if fine else self.train[i].coarse for i in idx.tolist()]
 
     def _sample(
         self,
@@ -461,7 +453,7 @@ class _Trainer:
         dim, n_lm = self.config.dim, len(self.config.landmarks)
         sigma_px = self.offset_sigma_mm / torch.tensor(stage.spacing[::-1], dtype=torch.float32)
         b = len(idx)
-        truth = torch.stack([self.train[i].fine_lm for i in idx.tolist()])  # type: ignore[misc]
+        truth = torch.stack([self.train[i].fine_lm for i in idx.tolist()])
         centres = (
             torch.nan_to_num(truth, nan=0.0)
             + torch.randn(b, n_lm, dim, generator=self.gen) * sigma_px
