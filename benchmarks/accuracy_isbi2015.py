@@ -1,0 +1,177 @@
+"""Accuracy of a cephalometric model on the ISBI 2015 benchmark; writes JSON.
+
+    python benchmarks/accuracy_isbi2015.py --model ceph-isbi2015 --split test1 \
+        --out benchmarks/results/accuracy_isbi2015_test1.json
+
+Reports MRE +- std, median and SDR at 2 / 2.5 / 3 / 4 mm, overall and per landmark, for
+the global stage alone and for global + local, against the mean of the two annotators
+(the headline), the senior and the junior annotator; the inter-observer level (senior vs
+junior) on the same images; and the localize time per image. ``--split val`` evaluates
+the validation images recorded in the model's training metadata (for tuning; test1 is
+for the final report only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import fastlmk
+from fastlmk.evaluate import evaluate, format_report, mean_table
+from fastlmk.landmark_files import LandmarkTable, read_landmark_csv
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2015"
+
+
+def _metadata() -> dict[str, Any]:
+    import torch
+
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "machine": platform.platform(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "fastlmk": fastlmk.__version__,
+        "commit": commit,
+    }
+
+
+def _image_ids(data: Path, split: str, model: fastlmk.LandmarkModel) -> list[str]:
+    if split == "val":
+        ids = model.config.metadata.get("training", {}).get("val_images", [])
+        if not ids:
+            raise SystemExit("the model records no validation images; use --split test1")
+        return list(ids)
+    with open(data / "split.csv", newline="") as f:
+        return [r["image"] for r in csv.DictReader(f) if r["split"] == split]
+
+
+def _summary(result: dict[str, Any]) -> dict[str, Any]:
+    m = result
+    return {
+        "mre_mm": m["mre_mm"],
+        "std_mm": m["std_mm"],
+        "median_mm": m["median_mm"],
+        "sdr_percent": m["sdr_percent"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="ceph-isbi2015")
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--split", default="test1", help="test1 (report) or val (tuning)")
+    parser.add_argument("--backend", default="auto")
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N images")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--pred-out", default="", help="also write the predictions as CSV")
+    args = parser.parse_args()
+
+    data = Path(args.data)
+    if not (data / "split.csv").is_file():
+        raise SystemExit(f"ISBI 2015 data not found at {data}")
+    model = fastlmk.load_model(args.model)
+    ids = _image_ids(data, args.split, model)
+    if args.limit:
+        ids = ids[: args.limit]
+    senior = read_landmark_csv(data / "landmarks_senior.csv")
+    junior = read_landmark_csv(data / "landmarks_junior.csv")
+    refs: dict[str, LandmarkTable] = {"mean": {}, "senior": {}, "junior": {}}
+    for i in ids:
+        refs["senior"][i], refs["junior"][i] = senior[i], junior[i]
+    refs["mean"] = mean_table([refs["senior"], refs["junior"]])
+
+    final: LandmarkTable = {}
+    coarse: LandmarkTable = {}
+    times = []
+    for n, i in enumerate(ids):
+        path = data / "images" / f"{i}.jpg"
+        image = fastlmk.read_image(path, spacing=0.1)  # decoding is not part of the timing
+        t0 = time.perf_counter()
+        lm = fastlmk.localize(image, model, backend=args.backend)
+        times.append(time.perf_counter() - t0)
+        final[i] = dict(zip(lm.names, lm.points_mm, strict=True))
+        coarse[i] = dict(zip(lm.names, lm.details["global_points_mm"], strict=True))
+        if (n + 1) % 25 == 0:
+            print(f"{n + 1}/{len(ids)} images", file=sys.stderr, flush=True)
+
+    stages = {"global": evaluate(coarse, refs), "global+local": evaluate(final, refs)}
+    observer = evaluate(refs["junior"], {"senior": refs["senior"]})["references"]["senior"]
+    print(
+        format_report(
+            {
+                "thresholds_mm": stages["global+local"]["thresholds_mm"],
+                "references": {"mean of annotators": stages["global+local"]["references"]["mean"]},
+            }
+        )
+    )
+    for stage, res in stages.items():
+        for ref, m in res["references"].items():
+            sdr = m["sdr_percent"]
+            print(
+                f"{stage:<13s} vs {ref:<7s} MRE {m['mre_mm']:.2f} +- {m['std_mm']:.2f} mm  "
+                f"SDR 2/2.5/3/4 mm: {sdr['2']:.1f} / {sdr['2.5']:.1f} / {sdr['3']:.1f} / "
+                f"{sdr['4']:.1f} %"
+            )
+    print(
+        f"inter-observer (junior vs senior): MRE {observer['mre_mm']:.2f} mm, "
+        f"SDR@2mm {observer['sdr_percent']['2']:.1f} %"
+    )
+    t = np.array(times) * 1000
+    print(
+        f"localize: median {np.median(t):.0f} ms, p90 {np.percentile(t, 90):.0f} ms per image "
+        f"({args.backend} backend, decoded image to landmarks in mm)"
+    )
+
+    result = {
+        "split": args.split,
+        "images": ids,
+        "model": str(model.path),
+        "backend": args.backend,
+        "summary": {
+            stage: {ref: _summary(m) for ref, m in res["references"].items()}
+            for stage, res in stages.items()
+        },
+        "stages": stages,
+        "inter_observer_junior_vs_senior": observer,
+        "localize_ms": {
+            "median": float(np.median(t)),
+            "p90": float(np.percentile(t, 90)),
+            "mean": float(t.mean()),
+        },
+        "meta": _metadata(),
+    }
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    if args.pred_out:
+        from fastlmk.landmark_files import write_landmark_csv
+
+        write_landmark_csv(args.pred_out, final)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
