@@ -37,17 +37,28 @@ def _mark(
         draw.text((x + r + 2, y - r), label, fill=colour)
 
 
-def _overlay_2d(array: np.ndarray, lm: Landmarks) -> Image.Image:
+def _overlay_2d(array: np.ndarray, lm: Landmarks, spacing: tuple[float, ...]) -> Image.Image:
     img = Image.fromarray(_to_uint8(array)).convert("RGB")
+    # Show pixels at their physical aspect ratio, and small images large enough to read.
+    width, height = img.width * spacing[0], img.height * spacing[1]
+    f = max(512 / max(width, height), 1.0 / min(spacing))
+    fx, fy = f * spacing[0], f * spacing[1]
+    if abs(fx - 1) > 1e-3 or abs(fy - 1) > 1e-3:
+        img = img.resize((max(1, round(img.width * fx)), max(1, round(img.height * fy))))
     draw = ImageDraw.Draw(img)
-    r = max(4.0, min(array.shape) / 120)
+    r = max(4.0, min(img.size) / 120)
     for name, idx, flag in zip(lm.names, lm.index, lm.flagged, strict=True):
         if np.isfinite(idx).all():
-            _mark(draw, float(idx[0]), float(idx[1]), r, _FLAGGED if flag else _OK, name)
+            x, y = (float(idx[0]) + 0.5) * fx - 0.5, (float(idx[1]) + 0.5) * fy - 0.5
+            _mark(draw, x, y, r, _FLAGGED if flag else _OK, name)
     return img
 
 
-def _overlay_3d(array: np.ndarray, lm: Landmarks, panel: int = 160) -> Image.Image:
+def _overlay_3d(
+    array: np.ndarray, lm: Landmarks, spacing: tuple[float, ...], panel: int = 160
+) -> Image.Image:
+    sx, sy, sz = spacing
+    nz = array.shape[0]
     rows = []
     for name, idx, flag in zip(lm.names, lm.index, lm.flagged, strict=True):
         if not np.isfinite(idx).all():
@@ -56,20 +67,21 @@ def _overlay_3d(array: np.ndarray, lm: Landmarks, panel: int = 160) -> Image.Ima
             int(np.clip(round(float(v)), 0, n - 1))
             for v, n in zip(idx, array.shape[::-1], strict=True)
         )
-        # axial (y, x), coronal (z, x), sagittal (z, y); superior up for the latter two
+        # axial (y, x); coronal (z, x) and sagittal (z, y) with superior up.
+        # Each view: slice, marker (column, row), (column, row) spacing in mm.
         views = [
-            (array[z], idx[0], idx[1]),
-            (array[:, y, :][::-1], idx[0], array.shape[0] - 1 - idx[2]),
-            (array[:, :, x][::-1], idx[1], array.shape[0] - 1 - idx[2]),
+            (array[z], idx[0], idx[1], (sx, sy)),
+            (array[:, y, :][::-1], idx[0], nz - 1 - idx[2], (sx, sz)),
+            (array[:, :, x][::-1], idx[1], nz - 1 - idx[2], (sy, sz)),
         ]
         tiles = []
-        for sl, u, v in views:
+        for sl, u, v, (su, sv) in views:
             tile = Image.fromarray(_to_uint8(sl)).convert("RGB")
-            f = panel / max(tile.size)
-            tile = tile.resize((max(1, int(tile.width * f)), max(1, int(tile.height * f))))
-            _mark(
-                ImageDraw.Draw(tile), float(u) * f, float(v) * f, 5, _FLAGGED if flag else _OK, None
-            )
+            f = panel / max(tile.width * su, tile.height * sv)
+            fu, fv = f * su, f * sv
+            tile = tile.resize((max(1, int(tile.width * fu)), max(1, int(tile.height * fv))))
+            colour = _FLAGGED if flag else _OK
+            _mark(ImageDraw.Draw(tile), float(u) * fu, float(v) * fv, 5, colour, None)
             tiles.append(tile)
         row = Image.new("RGB", (3 * panel + 150, panel))
         for k, t in enumerate(tiles):
@@ -91,7 +103,11 @@ def write_overlay(image: sitk.Image, lm: Landmarks, path: str | Path) -> Path:
     orthogonal slices (voxel axes) through its nearest voxel. Flagged landmarks are red.
     """
     array = image_to_array(image)
-    img = _overlay_2d(array, lm) if image.GetDimension() == 2 else _overlay_3d(array, lm)
+    spacing = tuple(float(v) for v in image.GetSpacing())
+    if image.GetDimension() == 2:
+        img = _overlay_2d(array, lm, spacing)
+    else:
+        img = _overlay_3d(array, lm, spacing)
     path = Path(path)
     img.save(path)
     return path
