@@ -1,9 +1,10 @@
-"""Command line: ``fastlmk train | localize | evaluate``."""
+"""Command line: ``fastlmk train | localize | evaluate | export | bench``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -78,6 +79,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .model import load_model
+
+    model = load_model(args.model)
+    for r in export_onnx(model, args.out, fp16=args.fp16, check=not args.no_check):
+        checked = not math.isnan(r.max_abs_diff)
+        print(f"{r.path}" + (f"  max |onnx - torch| = {r.max_abs_diff:.2e}" if checked else ""))
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    import time
+
+    import numpy as np
+
+    from .backends import available_backends
+    from .inference import localize
+    from .io import read_image
+    from .model import load_model
+
+    model = load_model(args.model)
+    spacing = None
+    if args.spacing:
+        spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    image = read_image(args.image, spacing=spacing)
+    backends = args.backend or available_backends()
+    for name in backends:
+        for _ in range(args.warmup):
+            localize(image, model, backend=name)
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            localize(image, model, backend=name)
+            times.append(1e3 * (time.perf_counter() - t))
+        median, p90 = np.percentile(times, [50, 90])
+        print(f"{name:12s} median {median:8.2f} ms   p90 {p90:8.2f} ms")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fastlmk",
@@ -120,6 +161,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", help="write the metrics as JSON")
     p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "export", help="write ONNX files of a model's networks, checked against torch"
+    )
+    p.add_argument("model", help="bundled model name or model directory")
+    p.add_argument("--fp16", action="store_true", help="float16 networks (*.fp16.onnx)")
+    p.add_argument("--out", help="output directory (default: the model directory)")
+    p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("bench", help="time localize on one image with each backend")
+    p.add_argument("model", help="bundled model name or model directory")
+    p.add_argument("image", help="image file")
+    p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm (2D files)")
+    p.add_argument("--backend", action="append", help="backend (repeat; default: all available)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=20)
+    p.set_defaults(func=_cmd_bench)
     return parser
 
 

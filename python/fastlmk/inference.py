@@ -3,31 +3,36 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
 from . import geometry
-from .backends import get_backend
+from .backends import Backend, get_backend
 from .errors import InvalidImageError
 from .io import as_image
 from .landmarks import Landmarks
 from .model import LandmarkModel, load_model
 from .networks import cell_origin, split_outputs
 from .ops import vote
-from .preprocess import StageImage, orient, stage_image
-from .sampling import patch_to_source, sample_patches
+from .preprocess import StageTensor, orient, prepare_global, stage_geometry, stage_patches
+from .sampling import patch_to_source
 
 __all__ = ["StageVote", "localize", "pad_to_multiple"]
+
+# Called after each step of the pipeline with the step's name (benchmarks time them).
+Mark = Callable[[str], None]
 
 
 @dataclass(frozen=True)
 class StageVote:
-    """Vote of one stage for all landmarks.
+    """Vote of one stage for all landmarks, float64 tensors on the pipeline's device.
 
     Attributes:
         position: ``(L, D)`` continuous index of the stage image, array order; NaN when
@@ -36,9 +41,9 @@ class StageVote:
         spread: ``(L,)`` weighted RMS distance of the votes from ``position``, in pixels.
     """
 
-    position: np.ndarray
-    weight: np.ndarray
-    spread: np.ndarray
+    position: torch.Tensor
+    weight: torch.Tensor
+    spread: torch.Tensor
 
 
 def pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -61,39 +66,62 @@ def _vote(
         transform="signed_log10",
         min_prob=min_prob,
     )
-    return StageVote(
-        *(
-            np.asarray(t.cpu().numpy() if isinstance(t, torch.Tensor) else t, dtype=np.float64)
-            for t in res
-        )
-    )
+    assert isinstance(res.position, torch.Tensor)
+    return StageVote(res.position, res.weight, res.spread)  # type: ignore[arg-type]
 
 
-def run_global(model: LandmarkModel, image: StageImage, backend: str = "auto") -> StageVote:
+def _no_mark(step: str) -> None:
+    pass
+
+
+def run_global(
+    model: LandmarkModel, image: StageTensor, backend: Backend, mark: Mark = _no_mark
+) -> StageVote:
     """Global stage on a prepared image: one network call and one vote."""
     spec = model.config.global_stage
     stride = spec.network.stride
-    x = pad_to_multiple(torch.from_numpy(image.array)[None, None], stride)
-    logits, disp = get_backend(model, backend).run_global(x)
-    return _vote(logits[0], disp[0], model.dim, stride, spec.vote_min_prob)
+    x = pad_to_multiple(image.tensor[None, None], stride)
+    logits, disp = backend.run_global(x)
+    mark("global")
+    v = _vote(logits[0], disp[0], model.dim, stride, spec.vote_min_prob)
+    mark("global_vote")
+    return v
 
 
 def run_local(
-    model: LandmarkModel, image: StageImage, centres: np.ndarray, backend: str = "auto"
+    model: LandmarkModel,
+    x: torch.Tensor,
+    geom: geometry.Geometry,
+    centres: torch.Tensor,
+    value_range: torch.Tensor,
+    backend: Backend,
+    mark: Mark = _no_mark,
 ) -> StageVote:
-    """Local stage: crop around ``centres`` (``(L, D)`` array-order index of ``image``),
-    run the L local networks as one grouped call, vote, and map back to ``image``."""
+    """Local stage: crops of the fine stage image around ``centres``, the L local
+    networks as one grouped call, a vote, mapped back to the fine stage image.
+
+    Args:
+        model: The model.
+        x: ``(*S)`` oriented input image, array order, on the backend's device.
+        geom: Geometry of ``x``.
+        centres: ``(L, D)`` crop centres, continuous fine-stage index, array order.
+        value_range: Intensities mapped to 0 and 1 (from the global stage).
+        backend: Runs the networks.
+        mark: Called after each step with its name.
+
+    Returns:
+        The local vote, positions as continuous fine-stage indices (array order).
+    """
     spec = model.config.local_stage
     if spec is None:
         raise ValueError("model has no local stage")
-    src = torch.from_numpy(image.array)[None, None]
-    centres_t = torch.from_numpy(centres.astype(np.float32))[None]
-    crops = sample_patches(src, centres_t, spec.crop_size)  # (1, L, *C)
-    logits, disp = get_backend(model, backend).run_local(crops)
+    crops = stage_patches(x, geom, spec.spacing, centres, spec.crop_size, value_range)[None]
+    mark("crop")
+    logits, disp = backend.run_local(crops)
+    mark("local")
     local = _vote(logits[0], disp[0], model.dim, spec.network.stride, spec.vote_min_prob)
-    pos = patch_to_source(
-        torch.from_numpy(local.position)[None], centres_t.double(), spec.crop_size
-    )[0].numpy()
+    pos = patch_to_source(local.position[None], centres[None].double(), spec.crop_size)[0]
+    mark("local_vote")
     return StageVote(pos, local.weight, local.spread)
 
 
@@ -126,7 +154,9 @@ def localize(
         model: A loaded model, a model directory or a bundled model name.
         spacing: Pixel spacing in mm, (x, y[, z]) or one number; overrides the image's own
             spacing (2D image formats carry none).
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"onnxruntime"``, ``"torch"``, ``"torch-cuda"`` or
+            ``"tensorrt"`` (see :mod:`fastlmk.backends`). On a GPU backend the whole
+            pipeline (resampling, normalisation, crops, votes) runs on the device.
 
     Returns:
         :class:`Landmarks` in physical LPS mm, with confidence and flags.
@@ -139,6 +169,27 @@ def localize(
         >>> lm = fastlmk.localize("ceph.jpg", "ceph-isbi2015", spacing=0.1)  # doctest: +SKIP
         >>> lm["sella"]                                                       # doctest: +SKIP
     """
+    return _localize(image, model, spacing=spacing, backend=backend)
+
+
+def _image_tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
+    """Voxels of ``image`` as a tensor on ``device``, array order, the image's own dtype
+    (converted to float32 window by window during resampling, not all at once)."""
+    array = sitk.GetArrayFromImage(image)
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+        array = array.astype(np.int64 if array.dtype.itemsize > 2 else np.int32)
+    return torch.from_numpy(array).to(device, non_blocking=True)
+
+
+def _localize(
+    image: Any,
+    model: LandmarkModel | str | Path,
+    *,
+    spacing: float | tuple[float, ...] | None = None,
+    backend: str = "auto",
+    mark: Mark = _no_mark,
+) -> Landmarks:
+    """:func:`localize`, calling ``mark(step)`` after each step of the pipeline."""
     model = load_model(model)
     cfg = model.config
     img = as_image(image, spacing=spacing)
@@ -147,37 +198,82 @@ def localize(
             f"model {cfg.name!r} localizes landmarks in {cfg.dim}D images but the input is "
             f"{img.GetDimension()}D (size {img.GetSize()})"
         )
+    runner = get_backend(model, backend)
     name = Path(image).name.split(".")[0] if isinstance(image, str | Path) else ""
     original = geometry.Geometry.from_sitk(img)
     oriented = orient(img, cfg.orientation)
+    geom = geometry.Geometry.from_sitk(oriented)
+    x = _image_tensor(oriented, runner.device)
 
-    coarse, value_range = stage_image(oriented, cfg.global_stage.spacing, None, cfg.intensity)
-    g = run_global(model, coarse, backend)
-    points = coarse.index_to_physical(g.position)
-    weights = [g.weight]
-    spread_mm = g.spread * float(np.mean(cfg.global_stage.spacing))
+    coarse, value_range = prepare_global(x, geom, cfg.global_stage.spacing, cfg.intensity)
+    mark("preprocess")
+    g = run_global(model, coarse, runner, mark)
+    # Device-side results, gathered into one host transfer at the end.
+    outputs = [g.position, g.weight[:, None], g.spread[:, None]]
+    lstage = cfg.local_stage
+    if lstage is not None and model.local_net is not None:
+        fine = stage_geometry(geom, lstage.spacing)
+        # Both grids share origin and direction: an index scales by the spacing ratio.
+        scale = torch.tensor(
+            np.divide(cfg.global_stage.spacing, lstage.spacing)[::-1].copy(),
+            dtype=torch.float64,
+            device=x.device,
+        )
+        centres = g.position * scale
+        have = torch.isfinite(centres).all(dim=1, keepdim=True)
+        middle = (torch.tensor(fine.size[::-1], dtype=torch.float64, device=x.device) - 1) / 2
+        start = torch.where(have, centres, middle)
+        loc = run_local(model, x, geom, start, value_range, runner, mark)
+        outputs += [start, loc.position, loc.weight[:, None], loc.spread[:, None]]
+    host = torch.cat(outputs, dim=1).cpu().numpy()
+    mark("to_host")
+    result = _assemble(model, original, img, coarse, host, name)
+    mark("to_physical")
+    return result
+
+
+def _assemble(
+    model: LandmarkModel,
+    original: geometry.Geometry,
+    img: sitk.Image,
+    coarse: StageTensor,
+    host: np.ndarray,
+    name: str,
+) -> Landmarks:
+    """Landmarks in physical space, confidence and flags from the stages' votes.
+
+    ``host`` holds, per landmark, the global vote (position (D), weight, spread) and, with
+    a local stage, the crop centre (D) and the local vote (position (D), weight, spread).
+    """
+    cfg = model.config
+    dim = cfg.dim
+    g_pos, g_weight, g_spread = host[:, :dim], host[:, dim], host[:, dim + 1]
+    points = coarse.index_to_physical(g_pos)
+    weights = [g_weight]
+    spread_mm = g_spread * float(np.mean(cfg.global_stage.spacing))
     details: dict[str, Any] = {
         "global_points_mm": points.copy(),
-        "global_weight": g.weight,
+        "global_weight": g_weight,
         "global_spread_mm": spread_mm.copy(),
     }
     local_outside = np.zeros(len(cfg.landmarks), dtype=bool)
-
-    if cfg.local_stage is not None and model.local_net is not None:
-        fine, _ = stage_image(oriented, cfg.local_stage.spacing, value_range, cfg.intensity)
-        centres = fine.physical_to_index(points)
-        have = np.isfinite(centres).all(axis=1)
-        start = np.where(have[:, None], centres, (np.array(fine.array.shape) - 1) / 2.0)
-        loc = run_local(model, fine, start, backend)
-        moved = np.abs(loc.position - start)
-        half = np.array(cfg.local_stage.crop_size) / 2.0
+    lstage = cfg.local_stage
+    if host.shape[1] > dim + 2 and lstage is not None:
+        o = dim + 2
+        start, l_pos = host[:, o : o + dim], host[:, o + dim : o + 2 * dim]
+        l_weight, l_spread = host[:, o + 2 * dim], host[:, o + 2 * dim + 1]
+        fine = stage_geometry(coarse.geometry, lstage.spacing)
+        have = np.isfinite(g_pos).all(axis=1)
+        moved = np.abs(l_pos - start)
+        half = np.array(lstage.crop_size) / 2.0
         local_outside = ~(moved <= half).all(axis=1)
-        use_local = have & np.isfinite(loc.position).all(axis=1)
-        points = np.where(use_local[:, None], fine.index_to_physical(loc.position), points)
-        weights.append(loc.weight)
-        local_spread_mm = loc.spread * float(np.mean(cfg.local_stage.spacing))
+        use_local = have & np.isfinite(l_pos).all(axis=1)
+        l_points = geometry.index_to_physical(geometry.array_index_to_itk(l_pos), fine)
+        points = np.where(use_local[:, None], l_points, points)
+        weights.append(l_weight)
+        local_spread_mm = l_spread * float(np.mean(lstage.spacing))
         spread_mm = np.where(use_local, local_spread_mm, spread_mm)
-        details.update(local_weight=loc.weight, local_spread_mm=local_spread_mm)
+        details.update(local_weight=l_weight, local_spread_mm=local_spread_mm)
 
     index = geometry.physical_to_index(points, original)
     size = np.array(img.GetSize(), dtype=float)

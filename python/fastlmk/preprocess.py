@@ -5,32 +5,58 @@ stage grids share the image's origin (centre of voxel 0) and direction, so a sta
 index converts to physical space through that stage's :class:`~fastlmk.geometry.Geometry`.
 Intensities are mapped with one per-image linear map for all stages, measured at the
 global (coarsest) spacing.
+
+Two implementations of the same resampling live here, on purpose:
+
+* :func:`stage_image` is the reference: :func:`fastlmk.geometry.resample_to_spacing`
+  (SimpleITK recursive Gaussian + linear resampling of the whole image). Training uses it.
+* The inference path (:func:`resample_stage`, :func:`stage_patches`) computes the same
+  values with torch on the image's device. Per axis, "smooth with the recursive Gaussian,
+  then interpolate linearly at ``k * s' / s``" is one linear map whose rows are short
+  (the Gaussian's impulse response, measured once from SimpleITK itself, shifted to the
+  two interpolation neighbours). The global stage applies these rows along each axis with
+  small matrix products over windows of the input; the local stage builds, for every
+  crop pixel, the row that samples the *fine stage image* bilinearly (the crop of
+  :func:`fastlmk.sampling.sample_patches`) and evaluates only the crops, never the whole
+  fine image. Tests hold the two to the same values.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
+import torch
 
 from . import geometry
 from .io import image_to_array
 from .model import IntensitySpec
 
-__all__ = ["StageImage", "intensity_range", "orient", "stage_image"]
+__all__ = [
+    "StageImage",
+    "StageTensor",
+    "intensity_range",
+    "normalise",
+    "orient",
+    "prepare_global",
+    "resample_stage",
+    "stage_geometry",
+    "stage_image",
+    "stage_patches",
+]
+
+# Kernel taps below this fraction of the peak are dropped: the truncated tail changes a
+# resampled value by less than 1e-6 of the image's range.
+_KERNEL_CUTOFF = 1e-7
 
 
-@dataclass(frozen=True)
-class StageImage:
-    """An image prepared for one stage.
+class _OnStageGrid:
+    """Index <-> physical conversion for anything carrying a stage ``geometry``."""
 
-    Attributes:
-        array: ``(*S)`` float32 normalised intensities, array order ((y, x) or (z, y, x)).
-        geometry: Physical geometry of ``array`` (index order (x, y[, z])).
-    """
-
-    array: np.ndarray
     geometry: geometry.Geometry
 
     def index_to_physical(self, index_array_order: np.ndarray) -> np.ndarray:
@@ -42,6 +68,32 @@ class StageImage:
     def physical_to_index(self, points_mm: np.ndarray) -> np.ndarray:
         """``(N, D)`` LPS mm -> ``(N, D)`` continuous indices in array order."""
         return geometry.itk_index_to_array(geometry.physical_to_index(points_mm, self.geometry))
+
+
+@dataclass(frozen=True)
+class StageImage(_OnStageGrid):
+    """An image prepared for one stage (numpy; the reference path and training).
+
+    Attributes:
+        array: ``(*S)`` float32 normalised intensities, array order ((y, x) or (z, y, x)).
+        geometry: Physical geometry of ``array`` (index order (x, y[, z])).
+    """
+
+    array: np.ndarray
+    geometry: geometry.Geometry
+
+
+@dataclass(frozen=True)
+class StageTensor(_OnStageGrid):
+    """An image prepared for one stage as a torch tensor on the pipeline's device.
+
+    Attributes:
+        tensor: ``(*S)`` float32 normalised intensities, array order.
+        geometry: Physical geometry of ``tensor`` (index order (x, y[, z])).
+    """
+
+    tensor: torch.Tensor
+    geometry: geometry.Geometry
 
 
 def orient(image: sitk.Image, orientation: str) -> sitk.Image:
@@ -68,6 +120,8 @@ def stage_image(
 ) -> tuple[StageImage, tuple[float, float]]:
     """Resample ``image`` to ``spacing`` (mm, (x, y[, z])) and normalise its intensities.
 
+    The reference implementation (SimpleITK, whole image); training uses it.
+
     Args:
         image: Oriented input image.
         spacing: Working spacing of the stage.
@@ -87,3 +141,299 @@ def stage_image(
     return StageImage(
         np.ascontiguousarray(array, dtype=np.float32), geometry.Geometry.from_sitk(resampled)
     ), value_range
+
+
+# ---------------------------------------------------------------------------------------
+# The inference path.
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """Resampling of one axis: ``n_in`` input samples at spacing ``s`` -> ``n_out`` at ``s'``.
+
+    Output sample ``j`` is the smoothed input evaluated (linearly) at input index
+    ``j * ratio``, ``ratio = s' / s``; ``kernel`` is the smoothing impulse response
+    (``(2r + 1,)`` float64, centre tap in the middle; ``[1.0]`` for no smoothing).
+    """
+
+    n_in: int
+    n_out: int
+    ratio: float
+    kernel: tuple[float, ...]
+
+    @property
+    def radius(self) -> int:
+        return len(self.kernel) // 2
+
+    def width(self, n_positions: int) -> int:
+        """Input samples that ``n_positions`` consecutive output positions can touch."""
+        return math.floor(n_positions * self.ratio) + 2 * self.radius + 4
+
+
+@functools.lru_cache(maxsize=64)
+def _smoothing_kernel(sigma_px: float) -> tuple[float, ...]:
+    """Impulse response of SimpleITK's recursive Gaussian (as used by
+    :func:`fastlmk.geometry.resample_to_spacing`) of ``sigma_px`` pixels.
+
+    Measured rather than derived: the recursive filter is only approximately Gaussian
+    (visibly so below one pixel), and the reference is the filter itself. Away from the
+    image ends the filter is exactly a convolution with this response; at the ends it
+    behaves as if the edge sample were repeated, which the window gather reproduces.
+    """
+    half = math.ceil(10 * sigma_px) + 10
+    impulse = np.zeros((4, 2 * half + 1), np.float32)
+    impulse[:, half] = 1.0
+    out = sitk.RecursiveGaussian(
+        sitk.GetImageFromArray(impulse), sigma_px, False,
+        sitk.RecursiveGaussianImageFilter.ZeroOrder, 0,
+    )
+    response = sitk.GetArrayFromImage(out)[0].astype(np.float64)
+    keep = np.nonzero(np.abs(response) > _KERNEL_CUTOFF * response.max())[0]
+    r = int(max(half - keep.min(), keep.max() - half))
+    return tuple(response[half - r : half + r + 1].tolist())
+
+
+def _axis(n_in: int, s: float, s_new: float) -> _Axis:
+    if s_new == s:
+        return _Axis(n_in, n_in, 1.0, (1.0,))
+    n_out = math.floor((n_in - 1) * s / s_new + 1e-6) + 1
+    kernel: tuple[float, ...] = (1.0,)
+    # Same rule as resample_to_spacing: smooth downsampled axes of >= 4 samples.
+    if s_new > s and n_in >= 4:
+        kernel = _smoothing_kernel(0.5 * math.sqrt(s_new**2 - s**2) / s)
+    return _Axis(n_in, n_out, s_new / s, kernel)
+
+
+def _axes(geom: geometry.Geometry, spacing: Sequence[float]) -> list[_Axis]:
+    """Per-axis resampling in array order ((y, x) or (z, y, x))."""
+    itk = [_axis(n, float(s), float(t)) for n, s, t in
+           zip(geom.size, geom.spacing, spacing, strict=True)]
+    return itk[::-1]
+
+
+def stage_geometry(geom: geometry.Geometry, spacing: Sequence[float]) -> geometry.Geometry:
+    """Geometry of the stage grid at ``spacing`` (mm, (x, y[, z])): same origin and
+    direction as ``geom``; the size rule of :func:`fastlmk.geometry.resample_to_spacing`."""
+    if len(spacing) != geom.dim:
+        raise ValueError(f"stage spacing {tuple(spacing)} must have {geom.dim} values (x, y[, z])")
+    sizes = [a.n_out for a in _axes(geom, spacing)][::-1]
+    return geometry.Geometry(geom.origin, np.asarray(spacing, float), geom.direction, tuple(sizes))
+
+
+def _axis_rows(axis: _Axis, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of the linear map from input samples to the stage image sampled at ``q``.
+
+    Args:
+        axis: The axis' resampling.
+        q: ``(B, P)`` float64 continuous stage-grid positions, ``q[b, p + 1] = q[b, p] + 1``.
+            A non-integer position interpolates the stage image linearly (zero outside
+            it, as :func:`fastlmk.sampling.sample_patches` does).
+
+    Returns:
+        ``(start (B,) int64, rows (B, P, W) float32)``: stage value at ``q[b, p]`` =
+        ``sum_w rows[b, p, w] * x[clamp(start[b] + w, 0, n_in - 1)]``, ``W =
+        axis.width(P)``.
+    """
+    dev = q.device
+    b, p = q.shape
+    width = axis.width(p)
+    kernel = torch.tensor(axis.kernel, dtype=torch.float64, device=dev)
+    taps = torch.arange(len(axis.kernel), device=dev) - axis.radius
+    j0 = torch.floor(q)
+    g = q - j0
+    j_first = j0[:, :1].clamp(0, axis.n_out - 1)
+    start = torch.floor(j_first * axis.ratio).long() - axis.radius  # (B, 1)
+    index_parts, weight_parts = [], []
+    for jj, c in ((j0, 1.0 - g), (j0 + 1.0, g)):
+        inside = (jj >= 0) & (jj <= axis.n_out - 1)
+        pos = jj.clamp(0, axis.n_out - 1) * axis.ratio
+        i = torch.floor(pos)
+        frac = pos - i
+        i = i.long().clamp(0, axis.n_in - 1)
+        for ii, cc in ((i, 1.0 - frac), (torch.clamp(i + 1, max=axis.n_in - 1), frac)):
+            col = ii[..., None] + taps - start[..., None]  # (B, P, T)
+            w = (c * cc * inside)[..., None] * kernel
+            # Rows of positions outside the stage image have zero weight and may point
+            # outside the window.
+            index_parts.append(col.clamp(0, width - 1))
+            weight_parts.append(w)
+    rows = torch.zeros(b, p, width, dtype=torch.float64, device=dev)
+    rows.scatter_add_(2, torch.cat(index_parts, -1), torch.cat(weight_parts, -1))
+    return start[:, 0], rows.float()
+
+
+def _windows(x: torch.Tensor, axis: int, starts: torch.Tensor, width: int) -> torch.Tensor:
+    """``x`` gathered along ``axis`` at ``clamp(start + w)`` for every start: the axis
+    becomes ``(len(starts), width)``. Clamping repeats the edge sample, like the reference
+    smoothing does at the image ends."""
+    n = x.shape[axis]
+    index = (starts[:, None] + torch.arange(width, device=x.device)).clamp(0, n - 1)
+    out = x.index_select(axis, index.reshape(-1))
+    return out.reshape(*x.shape[:axis], len(starts), width, *x.shape[axis + 1 :])
+
+
+def _block_size(axis: _Axis) -> int:
+    """Output samples per matrix product along an axis: the input window of a block is
+    about twice the kernel's support (fewer, larger products cost less overhead; smaller
+    blocks multiply fewer zeros)."""
+    return max(4, math.ceil((2 * axis.radius + 2) / axis.ratio))
+
+
+@functools.lru_cache(maxsize=32)
+def _axis_plan(axis: _Axis, device: torch.device) -> tuple[list[int], torch.Tensor]:
+    """Window starts (host ints) and rows ``(n_blocks, block, W)`` on ``device`` for
+    resampling a whole axis in blocks of output samples. Computed once per axis geometry:
+    repeated images of one size cost no host work and no device synchronisation."""
+    block = min(_block_size(axis), axis.n_out)
+    n_blocks = math.ceil(axis.n_out / block)
+    q = torch.arange(n_blocks * block, dtype=torch.float64).reshape(-1, block)
+    starts, rows = _axis_rows(axis, q)
+    return starts.tolist(), rows.to(device)
+
+
+def _resample_axis(x: torch.Tensor, dim: int, axis: _Axis) -> torch.Tensor:
+    """Resample array axis ``dim`` of ``x`` (``(*S)`` float32) with ``axis``."""
+    if axis.ratio == 1.0 and len(axis.kernel) == 1:
+        return x
+    starts, rows = _axis_plan(axis, x.device)
+    width = rows.shape[-1]
+    lead, trail = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :])
+    flat = x.reshape(lead, axis.n_in, trail)
+    parts = []
+    for k, s in enumerate(starts):
+        win = (
+            flat.narrow(1, s, width)
+            if 0 <= s and s + width <= axis.n_in
+            else _windows(flat, 1, torch.tensor([s], device=x.device), width)[:, 0]
+        )  # (lead, W, trail)
+        if trail == 1:
+            parts.append((win[..., 0] @ rows[k].T)[..., None])
+        else:
+            parts.append(torch.matmul(rows[k], win))
+    out = torch.cat(parts, 1)[:, : axis.n_out]
+    return out.reshape(*x.shape[:dim], axis.n_out, *x.shape[dim + 1 :])
+
+
+def resample_stage(
+    x: torch.Tensor, geom: geometry.Geometry, spacing: Sequence[float]
+) -> torch.Tensor:
+    """The image resampled to a stage's spacing, as :func:`stage_image` (before
+    normalisation) computes it, on ``x``'s device.
+
+    Args:
+        x: ``(*S)`` image, array order ((y, x) or (z, y, x)), any real dtype.
+        geom: Geometry of ``x``.
+        spacing: Stage spacing in mm, (x, y[, z]).
+
+    Returns:
+        ``(*S')`` float32 on ``x``'s device; ``S'`` is the size of
+        :func:`stage_geometry` in array order.
+    """
+    axes = _axes(geom, spacing)
+    out = x.float()
+    # Most reduced axis first, as the reference does: later passes touch fewer samples.
+    for dim in sorted(range(len(axes)), key=lambda d: 1.0 / axes[d].ratio):
+        out = _resample_axis(out, dim, axes[dim])
+    return out
+
+
+def normalise(values: torch.Tensor, value_range: torch.Tensor) -> torch.Tensor:
+    """Map ``value_range`` (``(2,)``: intensities to 0 and 1) to [0, 1] linearly, float32."""
+    lo, hi = value_range.to(values.device, torch.float32)
+    return (values - lo) / (hi - lo)
+
+
+def prepare_global(
+    x: torch.Tensor,
+    geom: geometry.Geometry,
+    spacing: Sequence[float],
+    spec: IntensitySpec,
+) -> tuple[StageTensor, torch.Tensor]:
+    """The global stage's image: resampled, intensity range measured on it, normalised.
+
+    Args:
+        x: ``(*S)`` oriented input image, array order, on the pipeline's device.
+        geom: Geometry of ``x``.
+        spacing: Global working spacing in mm, (x, y[, z]).
+        spec: Normalisation percentiles.
+
+    Returns:
+        ``(stage tensor, value_range)`` as :func:`stage_image` with ``value_range=None``
+        returns them; ``value_range`` is a ``(2,)`` float64 tensor on ``x``'s device (no
+        host synchronisation).
+    """
+    coarse = resample_stage(x, geom, spacing)
+    flat = coarse.reshape(-1).double()
+    q = torch.tensor([spec.low, spec.high], dtype=torch.float64) / 100.0
+    if flat.numel() <= 2**24:
+        # torch.quantile's default (linear) rule is numpy.percentile's default.
+        lo, hi = torch.quantile(flat, q.to(flat.device))
+    else:  # torch.quantile refuses more values
+        lo, hi = torch.from_numpy(np.percentile(flat.cpu().numpy(), [spec.low, spec.high]))
+        lo, hi = lo.to(flat.device), hi.to(flat.device)
+    # A constant image gets a unit range, as in intensity_range.
+    value_range = torch.stack([lo, torch.where(hi > lo, hi, lo + 1.0)])
+    return StageTensor(normalise(coarse, value_range), stage_geometry(geom, spacing)), value_range
+
+
+def stage_patches(
+    x: torch.Tensor,
+    geom: geometry.Geometry,
+    spacing: Sequence[float],
+    centres: torch.Tensor,
+    size: Sequence[int],
+    value_range: torch.Tensor,
+) -> torch.Tensor:
+    """Patches of the normalised stage image, computed from ``x`` without making it.
+
+    Equals ``sample_patches(stage_image(...).array, centres, size)`` (bilinear, zero
+    outside the stage image) up to float rounding.
+
+    Args:
+        x: ``(*S)`` oriented input image, array order, on the pipeline's device.
+        geom: Geometry of ``x``.
+        spacing: Stage spacing in mm, (x, y[, z]).
+        centres: ``(K, D)`` patch centres, continuous stage-grid index, array order
+            (any float dtype, on ``x``'s device).
+        size: Patch size ``P`` (D ints, array order).
+        value_range: ``(2,)`` intensities mapped to 0 and 1.
+
+    Returns:
+        ``(K, *P)`` float32 on ``x``'s device.
+    """
+    axes = _axes(geom, spacing)
+    dim = len(axes)
+    if centres.ndim != 2 or centres.shape[1] != dim or len(size) != dim:
+        raise ValueError(
+            f"stage_patches: centres {tuple(centres.shape)} must be (K, {dim}) and size "
+            f"{tuple(size)} {dim} ints, for a {dim}D image"
+        )
+    c = centres.to(device=x.device, dtype=torch.float64)
+    rows, starts = [], []
+    for d in range(dim):
+        offsets = torch.arange(size[d], dtype=torch.float64, device=x.device) - (size[d] - 1) / 2
+        start, r = _axis_rows(axes[d], c[:, d : d + 1] + offsets)
+        starts.append(start)
+        rows.append(r)  # (K, P_d, W_d)
+    k = centres.shape[0]
+    widths = [r.shape[-1] for r in rows]
+    index = []
+    for d in range(dim):
+        i = (starts[d][:, None] + torch.arange(widths[d], device=x.device)).clamp(
+            0, axes[d].n_in - 1
+        )
+        index.append(i.reshape(k, *[widths[d] if e == d else 1 for e in range(dim)]))
+    win = x[tuple(index)].float()  # (K, *W)
+    if dim == 2:
+        raw = torch.einsum("kpi,kij,kqj->kpq", rows[0], win, rows[1])
+    else:
+        raw = torch.einsum("kpi,kijl->kpjl", rows[0], win)
+        raw = torch.einsum("kqj,kpjl->kpql", rows[1], raw)
+        raw = torch.einsum("ksl,kpql->kpqs", rows[2], raw)
+    # Sampling weights sum to less than one where a patch leaves the stage image (zero
+    # padding there), so the offset of the normalisation scales with them.
+    lo, hi = value_range.to(x.device, torch.float32)
+    mass = rows[0].sum(-1)
+    for d in range(1, dim):
+        mass = mass[..., None] * rows[d].sum(-1).reshape(k, *[1] * d, -1)
+    return (raw - lo * mass) / (hi - lo)

@@ -1,12 +1,24 @@
 """Inference backends: run a model's global and local networks.
 
-A backend takes float32 arrays ``(B, C, *S)`` and returns the networks' raw outputs
-``(logits (B, L, *G), disp (B, L * D, *G))`` as torch tensors. The choice is made by
-``localize(..., backend=...)``; ``"auto"`` picks the fastest one available.
+A backend takes float32 tensors ``(B, C, *S)`` (spatial axes in array order) on its
+:attr:`Backend.device` and returns the networks' raw outputs
+``(logits (B, L, *G), disp (B, L * D, *G))`` as float32 torch tensors on the same device.
+The choice is made by ``localize(..., backend=...)``:
+
+* ``"torch"``: the model's torch networks, on the CPU or on CUDA (``"torch-cuda"``
+  forces the GPU).
+* ``"onnxruntime"``: ONNX Runtime on the CPU (the CPU default).
+* ``"tensorrt"``: TensorRT engines on an NVIDIA GPU (optional extra ``fastlmk[tensorrt]``).
+* ``"auto"``: TensorRT when it is importable and a GPU is present, else torch on CUDA
+  when a GPU is present, else ONNX Runtime on the CPU (torch on the CPU when
+  onnxruntime is not installed).
+
+A backend is created once per model and backend name and cached on the model.
 """
 
 from __future__ import annotations
 
+import importlib.util
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -16,30 +28,81 @@ from ..errors import FastlmkError
 if TYPE_CHECKING:
     from ..model import LandmarkModel
 
-__all__ = ["BACKENDS", "Backend", "get_backend"]
+__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend",
+           "resolve_backend"]
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "torch-cuda", "onnxruntime", "tensorrt")
+
+
+class BackendUnavailableError(FastlmkError):
+    """The requested backend cannot run here (a package or a GPU is missing)."""
 
 
 class Backend(Protocol):
     """Runs the networks of one model."""
 
     name: str
+    device: torch.device
 
     def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
-def get_backend(model: LandmarkModel, name: str = "auto") -> Backend:
-    """The backend called ``name`` for ``model``, created once and cached on the model."""
+def _importable(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_backends() -> list[str]:
+    """Concrete backends (not ``"auto"``) that can run on this machine, fastest first."""
+    gpu = torch.cuda.is_available()
+    names = []
+    if gpu and _importable("tensorrt"):
+        names.append("tensorrt")
+    if gpu:
+        names.append("torch-cuda")
+    if _importable("onnxruntime"):
+        names.append("onnxruntime")
+    names.append("torch")
+    return names
+
+
+def resolve_backend(name: str) -> str:
+    """The concrete backend ``name`` stands for (``"auto"`` -> the fastest available)."""
     if name not in BACKENDS:
-        raise FastlmkError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
-    resolved = "torch" if name == "auto" else name
-    cached = model._backends.get(resolved)
-    if cached is None:
+        raise FastlmkError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return available_backends()[0] if name == "auto" else name
+
+
+def get_backend(model: LandmarkModel, name: str = "auto") -> Backend:
+    """The backend called ``name`` for ``model``, created once and cached on the model.
+
+    Raises:
+        FastlmkError: unknown name.
+        BackendUnavailableError: the backend's package or a GPU is missing.
+    """
+    resolved = resolve_backend(name)
+    cached: Backend | None = model._backends.get(resolved)
+    if cached is not None:
+        return cached
+    backend: Backend
+    if resolved in ("torch", "torch-cuda"):
         from .torch_backend import TorchBackend
 
-        cached = TorchBackend(model)
-        model._backends[resolved] = cached
-    return cached
+        device = torch.device("cuda" if resolved == "torch-cuda" else "cpu")
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise BackendUnavailableError(
+                "backend 'torch-cuda' needs a CUDA GPU and a CUDA build of torch; "
+                "use backend='torch' or 'onnxruntime' on this machine"
+            )
+        backend = TorchBackend(model, device)
+    elif resolved == "onnxruntime":
+        from .onnxruntime_backend import OnnxRuntimeBackend
+
+        backend = OnnxRuntimeBackend(model)
+    else:
+        from .tensorrt_backend import TensorRTBackend
+
+        backend = TensorRTBackend(model)
+    model._backends[resolved] = backend
+    return backend

@@ -1,33 +1,51 @@
-"""The PyTorch backend (CPU; CUDA when the tensors given to it live there)."""
+"""The PyTorch backend: the model's own networks, on the CPU or a CUDA device."""
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
 
+from ..errors import ModelError
+
 if TYPE_CHECKING:
     from ..model import LandmarkModel
+    from ..networks import LandmarkFCN
 
 __all__ = ["TorchBackend"]
 
 
 class TorchBackend:
-    """Runs the model's torch networks in inference mode on the inputs' device."""
+    """Runs copies of the model's torch networks in inference mode on ``device``.
+
+    Args:
+        model: The model (its networks stay on the CPU; the backend keeps its own copies
+            on ``device``).
+        device: Where inputs are expected and the networks run.
+    """
 
     name = "torch"
 
-    def __init__(self, model: LandmarkModel) -> None:
-        self.model = model
+    def __init__(self, model: LandmarkModel, device: torch.device | None = None) -> None:
+        self.device = torch.device("cpu") if device is None else device
+        if self.device.type == "cuda":
+            self.name = "torch-cuda"
+        self._global = self._prepare(model.global_net)
+        self._local = None if model.local_net is None else self._prepare(model.local_net)
+        self._model_name = model.config.name
+
+    def _prepare(self, net: LandmarkFCN) -> LandmarkFCN:
+        if self.device.type == "cpu":
+            return net
+        return copy.deepcopy(net).to(self.device).eval()
 
     def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        net = self.model.global_net.to(x.device)
         with torch.inference_mode():
-            return net(x)
+            return self._global(x.to(self.device))
 
     def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.model.local_net is None:
-            raise RuntimeError("this model has no local stage")
-        net = self.model.local_net.to(x.device)
+        if self._local is None:
+            raise ModelError(f"model {self._model_name!r} has no local stage")
         with torch.inference_mode():
-            return net(x)
+            return self._local(x.to(self.device))

@@ -1,0 +1,100 @@
+"""The ONNX Runtime backend: the CPU default.
+
+One inference session per network, created when the backend is made (once per model,
+see :func:`fastlmk.backends.get_backend`), with all graph optimisations (batch-norm
+folding, conv + activation fusion) and one intra-op thread per physical core: on CPUs
+with SMT, a second thread per core competes for the same vector units and is slower.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from ..errors import ModelError
+from . import BackendUnavailableError
+
+if TYPE_CHECKING:
+    from ..model import LandmarkModel
+
+__all__ = ["OnnxRuntimeBackend", "physical_cores"]
+
+
+def physical_cores() -> int:
+    """Physical CPU cores this process may run on (logical CPUs / SMT siblings)."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    logical = allowed or os.cpu_count() or 1
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return logical
+    cores: set[tuple[str, str]] = set()
+    phys = core = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            phys = value.strip()
+        elif key == "core id":
+            core = value.strip()
+            cores.add((phys, core))
+    n_logical = text.count("processor\t:") or logical
+    smt = max(1, n_logical // len(cores)) if cores else 1
+    return max(1, logical // smt)
+
+
+class OnnxRuntimeBackend:
+    """Runs a model's exported ONNX networks with ONNX Runtime on the CPU.
+
+    Args:
+        model: The model; its ONNX files come from :func:`fastlmk.export.onnx_files`
+            (next to ``model.json``, else exported once into the cache directory).
+        threads: Intra-op threads; one per physical core when None.
+
+    Raises:
+        BackendUnavailableError: onnxruntime is not installed.
+    """
+
+    name = "onnxruntime"
+    device = torch.device("cpu")
+
+    def __init__(self, model: LandmarkModel, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                "backend 'onnxruntime' needs the onnxruntime package: "
+                "pip install 'fastlmk[onnx]', or use backend='torch'"
+            ) from exc
+        from ..export import onnx_files
+
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads or physical_cores()
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        self._model_name = model.config.name
+        self._sessions: dict[str, Any] = {
+            stage: ort.InferenceSession(
+                str(path), options, providers=["CPUExecutionProvider"]
+            )
+            for stage, path in onnx_files(model).items()
+        }
+
+    def _run(self, stage: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        session = self._sessions.get(stage)
+        if session is None:
+            raise ModelError(f"model {self._model_name!r} has no {stage} stage")
+        array = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        logits, disp = session.run(None, {"image": array})
+        return torch.from_numpy(logits), torch.from_numpy(disp)
+
+    def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run("global", x)
+
+    def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run("local", x)
