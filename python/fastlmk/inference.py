@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,10 +176,13 @@ def localize(
 def _image_tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
     """Voxels of ``image`` as a tensor on ``device``, array order, the image's own dtype
     (converted to float32 window by window during resampling, not all at once)."""
-    array = sitk.GetArrayFromImage(image)
-    if array.dtype.kind == "u" and array.dtype.itemsize > 1:
+    array = sitk.GetArrayViewFromImage(image)  # no copy; read only, while ``image`` lives
+    if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch lacks uint16/32 ops
         array = array.astype(np.int64 if array.dtype.itemsize > 2 else np.int32)
-    return torch.from_numpy(array).to(device, non_blocking=True)
+    with warnings.catch_warnings():
+        # torch warns that the view is not writable; nothing downstream writes to it.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array).to(device)
 
 
 def _localize(

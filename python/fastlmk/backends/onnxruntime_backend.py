@@ -77,6 +77,9 @@ class OnnxRuntimeBackend:
         options.intra_op_num_threads = threads or physical_cores()
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        # Idle ONNX Runtime threads otherwise spin for a while after each run and take the
+        # cores from the torch steps (resampling, crops) that follow.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._model_name = model.config.name
         self._sessions: dict[str, Any] = {
             stage: ort.InferenceSession(

@@ -1,0 +1,133 @@
+"""Every available backend against float64 torch references: networks and whole pipeline."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from fastlmk import FastlmkError, load_model, localize
+from fastlmk.backends import (
+    BackendUnavailableError,
+    available_backends,
+    get_backend,
+    resolve_backend,
+)
+from fastlmk.inference import pad_to_multiple
+from fastlmk.model import LandmarkModel
+from fastlmk.networks import cell_origin, split_outputs
+from fastlmk.ops import vote
+from fastlmk.preprocess import orient, stage_image
+from fastlmk.sampling import patch_to_source, sample_patches
+from test_export import small_model
+
+BACKENDS = available_backends()
+HAVE_CUDA = torch.cuda.is_available()
+
+
+def test_registry() -> None:
+    with pytest.raises(FastlmkError, match="unknown backend"):
+        resolve_backend("tensorflow")
+    expected = (
+        "tensorrt"
+        if HAVE_CUDA and importlib.util.find_spec("tensorrt")
+        else "torch-cuda"
+        if HAVE_CUDA
+        else "onnxruntime"
+        if importlib.util.find_spec("onnxruntime")
+        else "torch"
+    )
+    assert resolve_backend("auto") == expected
+    model = small_model(2)
+    assert get_backend(model, "torch") is get_backend(model, "torch")
+
+
+@pytest.mark.skipif(HAVE_CUDA, reason="checks the error raised without a GPU")
+def test_gpu_backends_say_what_is_missing() -> None:
+    for name in ("torch-cuda", "tensorrt"):
+        with pytest.raises(BackendUnavailableError, match=r"GPU|TensorRT"):
+            get_backend(small_model(2), name)
+
+
+@pytest.mark.skipif(
+    not (HAVE_CUDA and importlib.util.find_spec("tensorrt")),
+    reason="TensorRT backend needs the tensorrt package and a CUDA GPU (not on this machine)",
+)
+def test_tensorrt_is_available_where_it_can_run() -> None:
+    assert "tensorrt" in BACKENDS
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [2, 3])
+def test_networks_match_float64(backend: str, dim: int) -> None:
+    model = small_model(dim, seed=5)
+    runner = get_backend(model, backend)
+    gen = torch.Generator().manual_seed(1)
+    stride = model.global_net.stride
+    cases = [
+        (runner.run_global, model.global_net, (1, 1, *[stride * (5 + k) for k in range(dim)])),
+        (runner.run_local, model.local_net, (1, 3, *[16] * dim)),
+        (runner.run_local, model.local_net, (2, 3, *[24] * dim)),
+    ]
+    for run, net, shape in cases:
+        x = torch.rand(shape, generator=gen)
+        with torch.inference_mode():
+            ref = copy.deepcopy(net).double()(x.double())
+        got = run(x.to(runner.device))
+        for a, b in zip(got, ref, strict=True):
+            assert a.shape == b.shape
+            assert (a.double().cpu() - b).abs().max() < 1e-3
+
+
+def reference_points(model: LandmarkModel, image: sitk.Image) -> np.ndarray:
+    """(L, D) LPS mm by the reference path: SimpleITK preprocessing of whole images,
+    sample_patches crops, float64 networks, numpy votes."""
+    cfg = model.config
+    oriented = orient(image, cfg.orientation)
+    gspec, lspec = cfg.global_stage, cfg.local_stage
+    assert lspec is not None and model.local_net is not None
+    coarse, value_range = stage_image(oriented, gspec.spacing, None, cfg.intensity)
+
+    def run(net: torch.nn.Module, x: torch.Tensor, stride: int, min_prob: float) -> np.ndarray:
+        with torch.inference_mode():
+            logits, disp = copy.deepcopy(net).double()(x.double())
+        prob, d = split_outputs(logits[0], disp[0], cfg.dim)
+        v = vote(prob.numpy(), d.numpy(), stride=stride, origin=cell_origin(stride),
+                 min_prob=min_prob)
+        return np.asarray(v.position)
+
+    stride = gspec.network.stride
+    x = pad_to_multiple(torch.from_numpy(coarse.array)[None, None], stride)
+    points = coarse.index_to_physical(run(model.global_net, x, stride, gspec.vote_min_prob))
+    fine, _ = stage_image(oriented, lspec.spacing, value_range, cfg.intensity)
+    centres = torch.from_numpy(fine.physical_to_index(points))[None]
+    crops = sample_patches(
+        torch.from_numpy(fine.array)[None, None], centres.float(), lspec.crop_size
+    )
+    local = run(model.local_net, crops, lspec.network.stride, lspec.vote_min_prob)
+    pos = patch_to_source(torch.from_numpy(local)[None], centres, lspec.crop_size)[0]
+    return fine.index_to_physical(pos.numpy())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [2, 3])
+def test_localize_matches_the_reference_pipeline(
+    backend: str, dim: int, request: pytest.FixtureRequest
+) -> None:
+    """The inference path (torch resampling of crops only, any backend) lands where the
+    reference path (whole-image SimpleITK resampling, float64 networks) does."""
+    model = load_model(request.getfixturevalue(f"model_{dim}d"))
+    images = Path(request.getfixturevalue(f"phantom_{dim}d")) / "images"
+    for path in sorted(images.glob("*.mha"))[-3:]:
+        image = sitk.ReadImage(str(path))
+        expected = reference_points(model, image)
+        got = localize(image, model, backend=backend).points_mm
+        assert np.isfinite(expected).all()
+        # 0.01 mm is 1/100 of a phantom pixel: any real preprocessing or network error
+        # (a half-pixel shift, a wrong crop, a wrong weight) moves points much further.
+        np.testing.assert_allclose(got, expected, atol=0.01)
