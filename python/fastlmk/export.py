@@ -171,6 +171,10 @@ def _write_atomically(net: torch.nn.Module, example: torch.Tensor, path: Path) -
                 opset_version=_OPSET,
                 do_constant_folding=True,
             )
+        # mkstemp creates the file private (0600); give it the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except Exception as exc:
         Path(tmp).unlink(missing_ok=True)

@@ -231,7 +231,7 @@ def _localize(
         outputs += [start, loc.position, loc.weight[:, None], loc.spread[:, None]]
     host = torch.cat(outputs, dim=1).cpu().numpy()
     mark("to_host")
-    result = _assemble(model, original, img, coarse, host, name)
+    result = _assemble(model, original, img, geom, host, name)
     mark("to_physical")
     return result
 
@@ -240,19 +240,22 @@ def _assemble(
     model: LandmarkModel,
     original: geometry.Geometry,
     img: sitk.Image,
-    coarse: StageTensor,
+    oriented: geometry.Geometry,
     host: np.ndarray,
     name: str,
 ) -> Landmarks:
     """Landmarks in physical space, confidence and flags from the stages' votes.
 
-    ``host`` holds, per landmark, the global vote (position (D), weight, spread) and, with
-    a local stage, the crop centre (D) and the local vote (position (D), weight, spread).
+    ``oriented`` is the geometry of the oriented input image. ``host`` holds, per
+    landmark, the global vote (position (D), weight, spread) and, with a local stage, the
+    crop centre (D) and the local vote (position (D), weight, spread); positions are
+    stage-grid indices in array order.
     """
     cfg = model.config
     dim = cfg.dim
     g_pos, g_weight, g_spread = host[:, :dim], host[:, dim], host[:, dim + 1]
-    points = coarse.index_to_physical(g_pos)
+    coarse = stage_geometry(oriented, cfg.global_stage.spacing)
+    points = geometry.index_to_physical(geometry.array_index_to_itk(g_pos), coarse)
     weights = [g_weight]
     spread_mm = g_spread * float(np.mean(cfg.global_stage.spacing))
     details: dict[str, Any] = {
@@ -266,7 +269,7 @@ def _assemble(
         o = dim + 2
         start, l_pos = host[:, o : o + dim], host[:, o + dim : o + 2 * dim]
         l_weight, l_spread = host[:, o + 2 * dim], host[:, o + 2 * dim + 1]
-        fine = stage_geometry(coarse.geometry, lstage.spacing)
+        fine = stage_geometry(oriented, lstage.spacing)
         have = np.isfinite(g_pos).all(axis=1)
         moved = np.abs(l_pos - start)
         half = np.array(lstage.crop_size) / 2.0

@@ -20,8 +20,9 @@ class TorchBackend:
     """Runs copies of the model's torch networks in inference mode on ``device``.
 
     Args:
-        model: The model (its networks stay on the CPU; the backend keeps its own copies
-            on ``device``).
+        model: The model. On the CPU the backend runs the model's own networks (training
+            validates through it); on CUDA it runs copies made here, so later weight
+            changes need a new backend.
         device: Where inputs are expected and the networks run.
     """
 
