@@ -116,6 +116,22 @@ def reference_points(model: LandmarkModel, image: sitk.Image) -> np.ndarray:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dim", [2, 3])
+def test_random_model_matches_the_reference_pipeline(backend: str, dim: int) -> None:
+    """As below, without training: random weights, anisotropic spacing, a shifted origin."""
+    model = small_model(dim, seed=3)
+    shape = (90, 110) if dim == 2 else (40, 50, 45)
+    image = sitk.GetImageFromArray(
+        (np.random.default_rng(0).random(shape) * 100).astype(np.float32)
+    )
+    image.SetSpacing([0.9, 0.8, 1.1][:dim])
+    image.SetOrigin([5.0, -3.0, 2.0][:dim])
+    got = localize(image, model, backend=backend).points_mm
+    np.testing.assert_allclose(got, reference_points(model, image), atol=1e-3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dim", [2, 3])
 def test_localize_matches_the_reference_pipeline(
     backend: str, dim: int, request: pytest.FixtureRequest
 ) -> None:

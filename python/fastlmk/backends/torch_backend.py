@@ -42,8 +42,13 @@ class TorchBackend:
         return copy.deepcopy(net).to(self.device).eval()
 
     def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = x.to(self.device)
+        if x.dim() == 4:
+            # Measured on the CPU (ISBI global network, 304 x 256): ~20% faster with a
+            # channels-last input; the weights keep their layout (training shares them).
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            return self._global(x.to(self.device))
+            return self._global(x)
 
     def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self._local is None:
