@@ -154,3 +154,18 @@ def test_outputs_round_trip(model: LandmarkModel, image: sitk.Image, tmp_path: P
     assert lm[lm.names[0]].shape == (2,)
     with pytest.raises(KeyError, match="no landmark named"):
         lm["nope"]
+
+
+def test_nearly_constant_image_gets_a_unit_intensity_range() -> None:
+    """Float noise (e.g. left by smoothing a blank image) is not stretched to full contrast."""
+    from fastlmk.model import IntensitySpec
+    from fastlmk.preprocess import intensity_range
+
+    noise = 100.0 + 1e-9 * np.random.default_rng(0).standard_normal(1000)
+    lo, hi = intensity_range(noise, IntensitySpec())
+    assert hi - lo == pytest.approx(1.0)
+
+
+def test_blank_image_gives_a_result_with_confidences(model: LandmarkModel) -> None:
+    lm = localize(np.full((96, 96), 7.0, np.float32), model, spacing=1.0)
+    assert lm.points_mm.shape == (4, 2) and np.isfinite(lm.confidence).all()

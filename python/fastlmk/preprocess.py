@@ -101,19 +101,18 @@ def orient(image: sitk.Image, orientation: str) -> sitk.Image:
     if image.GetDimension() != 3:
         return image
     # Already oriented (the common case): skip DICOMOrient's copy of the whole volume.
-    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(
-        image.GetDirection()
-    )
+    current = sitk.DICOMOrientImageFilter.GetOrientationFromDirectionCosines(image.GetDirection())
     return image if current == orientation.upper() else geometry.orient_to(image, orientation)
 
 
 def intensity_range(array: np.ndarray, spec: IntensitySpec) -> tuple[float, float]:
     """Intensities mapped to 0 and 1: the ``spec`` percentiles of ``array``.
 
-    A constant image gets a unit range so that normalisation never divides by zero.
+    A (nearly) constant image gets a unit range so that normalisation neither divides by
+    zero nor blows float rounding noise (e.g. left by smoothing) up to full contrast.
     """
     lo, hi = np.percentile(array, [spec.low, spec.high])
-    if not hi > lo:
+    if not hi - lo > 1e-6 * max(1.0, abs(float(lo)), abs(float(hi))):
         hi = lo + 1.0
     return float(lo), float(hi)
 
@@ -190,13 +189,16 @@ def _smoothing_kernel(sigma_px: float) -> tuple[float, ...]:
     impulse = np.zeros((4, 2 * half + 1), np.float32)
     impulse[:, half] = 1.0
     out = sitk.RecursiveGaussian(
-        sitk.GetImageFromArray(impulse), sigma_px, False,
-        sitk.RecursiveGaussianImageFilter.ZeroOrder, 0,
+        sitk.GetImageFromArray(impulse),
+        sigma_px,
+        False,
+        sitk.RecursiveGaussianImageFilter.ZeroOrder,
+        0,
     )
     response = sitk.GetArrayFromImage(out)[0].astype(np.float64)
     # tail[k] = mass beyond k taps from the centre, on the heavier side.
     mass = np.abs(response)
-    tail = np.maximum(np.cumsum(mass[::-1])[::-1][half + 1 :], np.cumsum(mass)[: half][::-1])
+    tail = np.maximum(np.cumsum(mass[::-1])[::-1][half + 1 :], np.cumsum(mass)[:half][::-1])
     r = int(np.argmax(np.append(tail, 0.0) < _KERNEL_TAIL))
     kernel = response[half - r : half + r + 1]
     # The cut mass goes back in, so that a constant image stays exactly constant.
@@ -216,8 +218,10 @@ def _axis(n_in: int, s: float, s_new: float) -> _Axis:
 
 def _axes(geom: geometry.Geometry, spacing: Sequence[float]) -> list[_Axis]:
     """Per-axis resampling in array order ((y, x) or (z, y, x))."""
-    itk = [_axis(n, float(s), float(t)) for n, s, t in
-           zip(geom.size, geom.spacing, spacing, strict=True)]
+    itk = [
+        _axis(n, float(s), float(t))
+        for n, s, t in zip(geom.size, geom.spacing, spacing, strict=True)
+    ]
     return itk[::-1]
 
 
@@ -393,8 +397,9 @@ def prepare_global(
     """
     coarse = resample_stage(x, geom, spacing)
     lo, hi = _percentiles(coarse.reshape(-1), (spec.low, spec.high))
-    # A constant image gets a unit range, as in intensity_range.
-    value_range = torch.stack([lo, torch.where(hi > lo, hi, lo + 1.0)])
+    # A (nearly) constant image gets a unit range, by the same rule as intensity_range.
+    scale = torch.maximum(torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo))
+    value_range = torch.stack([lo, torch.where(hi - lo > 1e-6 * scale, hi, lo + 1.0)])
     return StageTensor(normalise(coarse, value_range), stage_geometry(geom, spacing)), value_range
 
 
