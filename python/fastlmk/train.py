@@ -390,6 +390,8 @@ class _Trainer:
         lsec = cfg.get("local") or {}
         self.offset_sigma_mm = float(lsec.get("offset_sigma_mm", 2.0))
         self.start = 0
+        self.seconds_before = 0.0  # training time of earlier runs this one resumes
+        self.t0 = time.perf_counter()
         self.history: list[dict[str, Any]] = []
 
     # -- one optimisation step per stage ------------------------------------------------
@@ -489,6 +491,10 @@ class _Trainer:
     def _ckpt_dir(self) -> Path:
         return self.output / "checkpoint"
 
+    def _seconds(self) -> float:
+        """Training time so far, earlier runs that this one resumed included."""
+        return self.seconds_before + time.perf_counter() - self.t0
+
     def save_checkpoint(self, iteration: int) -> None:
         d = self._ckpt_dir()
         d.mkdir(parents=True, exist_ok=True)
@@ -510,7 +516,10 @@ class _Trainer:
         save_file(tensors, str(tmp))
         tmp.replace(d / "state.safetensors")
         (d / "state.json").write_text(
-            json.dumps({"iteration": iteration, "history": self.history}, indent=1)
+            json.dumps(
+                {"iteration": iteration, "seconds": self._seconds(), "history": self.history},
+                indent=1,
+            )
         )
 
     def load_checkpoint(self) -> None:
@@ -543,6 +552,7 @@ class _Trainer:
         torch.set_rng_state(tensors["rng.torch"])
         self.gen.set_state(tensors["rng.gen"])
         self.start = int(meta["iteration"])
+        self.seconds_before = float(meta.get("seconds", 0.0))
         self.history = list(meta.get("history", []))
         self.log(f"resumed from {d} at iteration {self.start}")
 
@@ -552,7 +562,7 @@ class _Trainer:
         if self.model.local_net is not None:
             self.model.local_net.train()
         n = len(self.train)
-        t0 = time.perf_counter()
+        self.t0 = t0 = time.perf_counter()
         tty = sys.stderr.isatty()
         last_val: dict[str, float] = {}
         for it in range(self.start, self.iterations):
@@ -584,7 +594,7 @@ class _Trainer:
                 self.log(msg)
         if tty:
             print(file=sys.stderr)
-        elapsed = time.perf_counter() - t0
+        elapsed = self._seconds()
         self.model.global_net.eval()
         if self.model.local_net is not None:
             self.model.local_net.eval()
