@@ -1,0 +1,38 @@
+"""Models shipped inside the package load by name and work."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastlmk
+from conftest import shared_data
+from fastlmk.evaluate import mean_table
+from fastlmk.landmark_files import read_landmark_csv
+
+
+def test_ceph_model_is_bundled_and_valid() -> None:
+    assert "ceph-isbi2015" in fastlmk.available_models()
+    model = fastlmk.load_model("ceph-isbi2015")
+    assert model.dim == 2 and len(model.names) == 19 and model.names[0] == "sella"
+    assert model.config.local_stage is not None
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnxruntime"])
+def test_ceph_model_on_a_test1_cephalogram(backend: str) -> None:
+    data = shared_data() / "isbi2015"
+    if not (data / "images" / "151.jpg").is_file():
+        pytest.skip(f"ISBI 2015 data not found at {data}")
+    lm = fastlmk.localize(
+        data / "images" / "151.jpg", "ceph-isbi2015", spacing=0.1, backend=backend
+    )
+    truth = mean_table(
+        [
+            read_landmark_csv(data / "landmarks_senior.csv"),
+            read_landmark_csv(data / "landmarks_junior.csv"),
+        ]
+    )["151"]
+    err = np.array([np.linalg.norm(lm[n] - truth[n]) for n in lm.names])
+    # test1 MRE of this model is 1.14 mm; one image's mean stays well below 2.5 mm
+    assert err.mean() < 2.5, err.round(2)
+    assert not lm.flagged.all()
