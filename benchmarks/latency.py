@@ -3,7 +3,7 @@
 Cases (both in one run, every backend available here, ratios to the torch backend):
 
 * ``ceph``: a 1935 x 2400 cephalogram at 0.1 mm with the ISBI 2015 model
-  (``runs/ceph-isbi2015`` when trained, else random weights with the same
+  (the bundled ``ceph-isbi2015``, else random weights with the same
   configuration: latency does not depend on the weights). The image is
   ``../shared/data/isbi2015/images/151.jpg`` when present, else synthetic.
 * ``ct``: a 512 x 512 x 300 int16 volume at 0.7 x 0.7 x 1.0 mm with a 3D model defined
@@ -42,13 +42,12 @@ import torch
 import fastlmk
 from fastlmk.backends import available_backends, get_backend
 from fastlmk.inference import _localize, pad_to_multiple
-from fastlmk.model import LandmarkModel, ModelConfig, StageSpec, load_model
+from fastlmk.model import LandmarkModel, ModelConfig, StageSpec, available_models, load_model
 from fastlmk.networks import NetworkSpec
 from fastlmk.preprocess import stage_geometry
 
 ROOT = Path(__file__).resolve().parents[1]
 CEPH_IMAGE = ROOT.parent / "shared" / "data" / "isbi2015" / "images" / "151.jpg"
-CEPH_MODEL = ROOT / "runs" / "ceph-isbi2015"
 STEPS = ("preprocess", "global", "global_vote", "crop", "local", "local_vote", "to_host",
          "to_physical")
 
@@ -148,9 +147,9 @@ def conv_macs(net: torch.nn.Module, shape: tuple[int, ...]) -> int:
 
 def ceph_case() -> tuple[str, LandmarkModel, sitk.Image, dict[str, Any]]:
     info: dict[str, Any] = {}
-    if (CEPH_MODEL / "model.json").is_file():
-        model = load_model(CEPH_MODEL)
-        info["model"] = str(CEPH_MODEL)
+    if "ceph-isbi2015" in available_models():
+        model = load_model("ceph-isbi2015")
+        info["model"] = "ceph-isbi2015 (bundled)"
     else:
         from fastlmk.train import _model_config
 
