@@ -34,6 +34,7 @@ __all__ = [
     "orient_to",
     "physical_to_index",
     "resample_to_spacing",
+    "spacing_vector",
 ]
 
 # A direction matrix whose |determinant| is below this is treated as singular: real
@@ -292,18 +293,31 @@ def itk_index_to_array(idx_xyz: Any) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(idx_xyz)[..., ::-1])
 
 
-def _target_spacing(spacing: float | Sequence[float], dim: int) -> np.ndarray:
+def spacing_vector(
+    spacing: float | Sequence[float] | np.ndarray, dim: int, hint: str = ""
+) -> np.ndarray:
+    """A spacing given as one scalar or one value per axis, as ``(dim,)`` float64 mm.
+
+    Args:
+        spacing: mm per pixel, a scalar or (x, y[, z]).
+        dim: Image dimensionality.
+        hint: Appended to error messages (what the caller should pass instead).
+
+    Raises:
+        InvalidImageError: wrong number of values, or a value that is not finite and > 0.
+    """
     values = np.asarray(spacing, dtype=np.float64)
     if values.ndim == 0:
         values = np.full(dim, float(values))
+    suffix = f"; {hint}" if hint else ""
     if values.shape != (dim,):
         raise InvalidImageError(
-            f"Target spacing {values.tolist()} has {values.size} values; expected {dim} "
-            f"(mm, in (x, y[, z]) order) or one scalar."
+            f"spacing {values.tolist()} has {values.size} values but the image is {dim}D "
+            f"(expected {dim} values in (x, y[, z]) order, mm, or one scalar){suffix}."
         )
     if not np.all(np.isfinite(values)) or np.any(values <= 0):
         raise InvalidImageError(
-            f"Target spacing {values.tolist()} is invalid: every value must be finite and > 0 mm."
+            f"spacing {values.tolist()} is invalid: every value must be finite and > 0 mm{suffix}."
         )
     return values
 
@@ -352,7 +366,7 @@ def resample_to_spacing(
             f"Unknown interpolator {interpolator!r}; expected one of {sorted(_INTERPOLATORS)}."
         )
     geometry = Geometry.from_sitk(image)
-    new_spacing = _target_spacing(spacing, geometry.dim)
+    new_spacing = spacing_vector(spacing, geometry.dim)
     spacing_now = geometry.spacing.tolist()
     size_now = list(geometry.size)
     work = sitk.Cast(image, sitk.sitkFloat32)

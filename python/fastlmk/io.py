@@ -32,7 +32,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from fastlmk.errors import FastlmkError, InvalidImageError, MissingSpacingError
-from fastlmk.geometry import Geometry
+from fastlmk.geometry import Geometry, spacing_vector
 
 if TYPE_CHECKING:
     import torch
@@ -62,20 +62,7 @@ def _spacing_message(dim: int | None = None) -> str:
 
 
 def _spacing_vector(spacing: SpacingLike, dim: int) -> np.ndarray:
-    values = np.asarray(spacing, dtype=np.float64)
-    if values.ndim == 0:
-        values = np.full(dim, float(values))
-    if values.shape != (dim,):
-        raise InvalidImageError(
-            f"spacing {values.tolist()} has {values.size} values but the image is {dim}D; "
-            f"{_spacing_message(dim)}."
-        )
-    if not np.all(np.isfinite(values)) or np.any(values <= 0):
-        raise InvalidImageError(
-            f"spacing {values.tolist()} is invalid: every value must be finite and > 0 mm; "
-            f"{_spacing_message(dim)}."
-        )
-    return values
+    return spacing_vector(spacing, dim, hint=_spacing_message(dim))
 
 
 def _check_image(image: sitk.Image, source: str) -> sitk.Image:
