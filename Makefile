@@ -22,7 +22,12 @@ $(STAMP): $(VENV)/bin/python pyproject.toml CMakeLists.txt $(wildcard csrc/*.cpp
 
 install: $(STAMP)
 
+# The demo reads the MNI152 template from ../shared/data/afids-mni152 when present, else
+# from the autoafids wheel (installed without dependencies: only its data files are used).
 demo: install
+	@test -d ../shared/data/afids-mni152 || \
+		$(PY) -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('autoafids') is None)" || \
+		$(PIP) install --no-deps "autoafids==0.1.4"
 	$(PY) -m fastlmk.demo
 
 test: install

@@ -89,4 +89,4 @@ def test_bundled_model_on_template(data: AfidsData) -> None:
     lm = fastlmk.localize(data.t1w, "afids-mni152")
     assert lm.names == names
     errors = np.linalg.norm(lm.points_mm - consensus, axis=1)
-    assert errors.mean() < 2.5
+    assert errors.mean() < 1.5
