@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = [
+    "IMAGE_SUFFIXES",
     "ImageLike",
     "SpacingLike",
     "as_image",
@@ -52,6 +53,8 @@ ImageLike: TypeAlias = "str | os.PathLike[str] | np.ndarray | sitk.Image | torch
 SpacingLike: TypeAlias = float | Sequence[float] | np.ndarray
 
 _PLAIN_2D_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+#: File suffixes read as images (a DICOM series is a directory instead).
+IMAGE_SUFFIXES = _PLAIN_2D_SUFFIXES | {".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd"}
 # ITU-R BT.601 luma weights, the same as PIL's "L" conversion.
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 

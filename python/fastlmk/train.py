@@ -62,7 +62,7 @@ from safetensors.torch import load_file, save_file
 from .errors import FastlmkError
 from .evaluate import mean_table
 from .inference import errors_mm, localize
-from .io import read_image
+from .io import IMAGE_SUFFIXES, read_image
 from .landmark_files import LandmarkTable, read_landmark_csv
 from .model import (
     ConfidenceSpec,
@@ -119,24 +119,6 @@ def load_training_config(path: str | Path) -> dict[str, Any]:
     return cfg
 
 
-_IMAGE_SUFFIXES = frozenset(
-    {
-        ".png",
-        ".jpg",
-        ".jpeg",
-        ".bmp",
-        ".tif",
-        ".tiff",
-        ".nii",
-        ".nii.gz",
-        ".nrrd",
-        ".nhdr",
-        ".mha",
-        ".mhd",
-    }
-)
-
-
 def _image_files(spec: str) -> dict[str, Path]:
     """Image id (file name without its image suffix) -> file, for a directory or a glob."""
     p = Path(spec)
@@ -146,7 +128,7 @@ def _image_files(spec: str) -> dict[str, Path]:
         suffix = (
             "".join(f.suffixes[-2:]).lower() if f.name.lower().endswith(".gz") else f.suffix.lower()
         )
-        if suffix in _IMAGE_SUFFIXES or f.is_dir():
+        if suffix in IMAGE_SUFFIXES or f.is_dir():
             out[f.name[: len(f.name) - len(suffix)] if suffix else f.name] = f
     if not out:
         raise TrainConfigError(f"no image files found at {spec!r}")
@@ -476,17 +458,18 @@ class _Trainer:
     def validate(self) -> dict[str, float]:
         if not self.val:
             return {}
-        self.model.global_net.eval()
-        if self.model.local_net is not None:
-            self.model.local_net.eval()
+        self._set_training(False)
         errs = []
         for s in self.val:
             errs.append(errors_mm(localize(s.image, self.model, backend="torch"), s.truth_mm))
-        self.model.global_net.train()
-        if self.model.local_net is not None:
-            self.model.local_net.train()
+        self._set_training(True)
         e = np.concatenate(errs)
         return {"val_mre_mm": float(np.nanmean(e)), "val_median_mm": float(np.nanmedian(e))}
+
+    def _set_training(self, training: bool) -> None:
+        self.model.global_net.train(training)
+        if self.model.local_net is not None:
+            self.model.local_net.train(training)
 
     def _ckpt_dir(self) -> Path:
         return self.output / "checkpoint"
@@ -558,9 +541,7 @@ class _Trainer:
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> Path:
-        self.model.global_net.train()
-        if self.model.local_net is not None:
-            self.model.local_net.train()
+        self._set_training(True)
         n = len(self.train)
         self.t0 = t0 = time.perf_counter()
         tty = sys.stderr.isatty()
@@ -595,9 +576,7 @@ class _Trainer:
         if tty:
             print(file=sys.stderr)
         elapsed = self._seconds()
-        self.model.global_net.eval()
-        if self.model.local_net is not None:
-            self.model.local_net.eval()
+        self._set_training(False)
         self.model.config.metadata.update(
             {
                 "training": {
