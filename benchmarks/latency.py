@@ -16,7 +16,13 @@ Also recorded: peak resident memory, the multiply-accumulates (MACs) of every
 convolution of each network at the benchmark's input size, the machine's measured
 float32 matrix-product peak and the fraction of it each network step achieves, and a
 peer: the ``landmarker`` package's spatial configuration network (SCN) forward plus
-heatmap decoding on the same cephalogram (skipped, with the reason, when it cannot run).
+heatmap decoding on the same cephalogram (skipped, with the reason, when it cannot run),
+and the networks' throughput at batch 1 and batch 4 (images per second, global + local
+network calls only: ``localize`` takes one image at a time).
+
+Backends: every one available here; with onnxruntime also ``onnxruntime-fp32``, so that
+the model's shipped int8 networks (``onnxruntime``, see ``fastlmk export --int8``) and
+float32 are compared in the same run.
 
     python benchmarks/latency.py --out latency.json [--backends onnxruntime torch]
 """
@@ -224,6 +230,33 @@ def time_backend(model: LandmarkModel, image: sitk.Image, backend: str, warmup: 
     return {"end_to_end": stats(total), "steps_median_ms": steps}, points
 
 
+def batch_throughput(model: LandmarkModel, image: sitk.Image, backend: str,
+                     batches: tuple[int, ...] = (1, 4), repeats: int = 5) -> dict[str, float]:
+    """Images per second of the global + local network calls at each batch size."""
+    runner = get_backend(model, backend)
+    shapes = network_shapes(model, image)
+    gen = torch.Generator().manual_seed(0)
+    out = {}
+    for b in batches:
+        inputs = {stage: torch.rand((b, *shape[1:]), generator=gen).to(runner.device)
+                  for stage, shape in shapes.items()}
+
+        def call(inputs: dict[str, torch.Tensor]) -> None:
+            runner.run_global(inputs["global"])
+            if "local" in inputs:
+                runner.run_local(inputs["local"])
+            sync()
+
+        call(inputs)
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call(inputs)
+            times.append(time.perf_counter() - t)
+        out[f"batch_{b}_images_per_s"] = b / float(np.median(times))
+    return out
+
+
 def network_shapes(model: LandmarkModel, image: sitk.Image) -> dict[str, tuple[int, ...]]:
     from fastlmk.geometry import Geometry
 
@@ -307,6 +340,9 @@ def run_case(case: Callable[[], tuple[str, LandmarkModel, sitk.Image, dict[str, 
         if reference is None:
             reference = points
         timing["max_diff_mm_vs_first_backend"] = float(np.nanmax(np.abs(points - reference)))
+        timing["precision"] = getattr(get_backend(model, backend), "precision", "fp32")
+        timing["network_throughput"] = batch_throughput(model, image, backend,
+                                                        repeats=max(3, repeats // 4))
         timing["peak_rss_mb_so_far"] = peak_rss_mb()
         if torch.cuda.is_available():
             timing["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -334,22 +370,22 @@ def run_case(case: Callable[[], tuple[str, LandmarkModel, sitk.Image, dict[str, 
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print("\ncase  backend       median ms    p90 ms   vs torch   steps (median ms)")
+    print("\ncase  backend           median ms    p90 ms   vs torch   steps (median ms)")
     for case, res in report["cases"].items():
         for backend, t in res["backends"].items():
             if "end_to_end" not in t:
-                print(f"{case:5s} {backend:12s}  skipped: {t['skipped']}")
+                print(f"{case:5s} {backend:16s}  skipped: {t['skipped']}")
                 continue
             e = t["end_to_end"]
             steps = " ".join(f"{k}={v:.1f}" for k, v in t["steps_median_ms"].items())
             ratio = t.get("speedup_vs_torch_cpu")
-            print(f"{case:5s} {backend:12s} {e['median_ms']:9.1f} {e['p90_ms']:9.1f}   "
+            print(f"{case:5s} {backend:16s} {e['median_ms']:9.1f} {e['p90_ms']:9.1f}   "
                   f"{(f'{ratio:.2f}x' if ratio else '-'):>7s}   {steps}")
         peer = res.get("peer")
         if peer:
             text = (f"{peer['end_to_end']['median_ms']:.1f} ms median ({peer['pipeline']})"
                     if "end_to_end" in peer else f"skipped: {peer['skipped']}")
-            print(f"{case:5s} peer          {text}")
+            print(f"{case:5s} peer              {text}")
 
 
 def main() -> int:
@@ -361,6 +397,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
     backends = args.backends or available_backends()
+    if not args.backends and "onnxruntime" in backends:
+        backends.insert(backends.index("onnxruntime") + 1, "onnxruntime-fp32")
     # torch first: the reference for the agreement check and the ratios.
     backends = sorted(backends, key=lambda b: b != "torch")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available()

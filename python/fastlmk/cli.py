@@ -84,6 +84,23 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .model import load_model
 
     model = load_model(args.model)
+    if args.int8:
+        from .quantize import check_calibration_images, quantize_int8
+
+        if not args.calibration:
+            raise FastlmkError("--int8 needs --calibration IMAGE [IMAGE ...] (training images)")
+        images = check_calibration_images(args.calibration)
+        spacing = None
+        if args.spacing:
+            spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+        for q in quantize_int8(
+            model, images, spacing=spacing, directory=args.out, stages=args.stages
+        ):
+            print(
+                f"{q.path}  calibrated on {q.calibration_batches} inputs, "
+                f"max |int8 - fp32| = {q.max_abs_diff:.2e}"
+            )
+        return 0
     for r in export_onnx(model, args.out, fp16=args.fp16, check=not args.no_check):
         checked = not math.isnan(r.max_abs_diff)
         print(f"{r.path}" + (f"  max |onnx - torch| = {r.max_abs_diff:.2e}" if checked else ""))
@@ -169,6 +186,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fp16", action="store_true", help="float16 networks (*.fp16.onnx)")
     p.add_argument("--out", help="output directory (default: the model directory)")
     p.add_argument("--no-check", action="store_true", help="skip the ONNX Runtime check")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        help="int8 networks (*.int8.onnx) for the onnxruntime backend, calibrated on images",
+    )
+    p.add_argument(
+        "--calibration",
+        nargs="+",
+        metavar="IMAGE",
+        help="calibration images or directories for --int8 (training images, not test images)",
+    )
+    p.add_argument(
+        "--stages",
+        nargs="+",
+        default=["global", "local"],
+        choices=["global", "local"],
+        help="networks to quantize with --int8 (default: both)",
+    )
+    p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm (2D files)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("bench", help="time localize on one image with each backend")

@@ -155,8 +155,9 @@ def localize(
         model: A loaded model, a model directory or a bundled model name.
         spacing: Pixel spacing in mm, (x, y[, z]) or one number; overrides the image's own
             spacing (2D image formats carry none).
-        backend: ``"auto"``, ``"onnxruntime"``, ``"torch"``, ``"torch-cuda"`` or
-            ``"tensorrt"`` (see :mod:`fastlmk.backends`). On a GPU backend the whole
+        backend: ``"auto"``, ``"onnxruntime"`` (``"onnxruntime-fp32"``,
+            ``"onnxruntime-int8"``), ``"torch"``, ``"torch-cuda"`` or ``"tensorrt"``
+            (see :mod:`fastlmk.backends`). On a GPU backend the whole
             pipeline (resampling, normalisation, crops, votes) runs on the device.
 
     Returns:
@@ -190,10 +191,11 @@ def _localize(
     model: LandmarkModel | str | Path,
     *,
     spacing: float | tuple[float, ...] | None = None,
-    backend: str = "auto",
+    backend: str | Backend = "auto",
     mark: Mark = _no_mark,
 ) -> Landmarks:
-    """:func:`localize`, calling ``mark(step)`` after each step of the pipeline."""
+    """:func:`localize`, calling ``mark(step)`` after each step of the pipeline; ``backend``
+    may also be a :class:`~fastlmk.backends.Backend` object."""
     model = load_model(model)
     cfg = model.config
     img = as_image(image, spacing=spacing)
@@ -202,7 +204,7 @@ def _localize(
             f"model {cfg.name!r} localizes landmarks in {cfg.dim}D images but the input is "
             f"{img.GetDimension()}D (size {img.GetSize()})"
         )
-    runner = get_backend(model, backend)
+    runner = get_backend(model, backend) if isinstance(backend, str) else backend
     name = Path(image).name.split(".")[0] if isinstance(image, str | Path) else ""
     original = geometry.Geometry.from_sitk(img)
     oriented = orient(img, cfg.orientation)

@@ -7,7 +7,9 @@ The choice is made by ``localize(..., backend=...)``:
 
 * ``"torch"``: the model's torch networks, on the CPU or on CUDA (``"torch-cuda"``
   forces the GPU).
-* ``"onnxruntime"``: ONNX Runtime on the CPU (the CPU default).
+* ``"onnxruntime"``: ONNX Runtime on the CPU (the CPU default): the model's int8
+  networks when it ships them (``*.int8.onnx``, see :mod:`fastlmk.quantize`), else
+  float32. ``"onnxruntime-fp32"`` and ``"onnxruntime-int8"`` force one precision.
 * ``"tensorrt"``: TensorRT engines on an NVIDIA GPU (optional extra ``fastlmk[tensorrt]``).
 * ``"auto"``: TensorRT when it is importable and a GPU is present, else torch on CUDA
   when a GPU is present, else ONNX Runtime on the CPU (torch on the CPU when
@@ -28,10 +30,24 @@ from ..errors import FastlmkError
 if TYPE_CHECKING:
     from ..model import LandmarkModel
 
-__all__ = ["BACKENDS", "Backend", "BackendUnavailableError", "available_backends", "get_backend",
-           "resolve_backend"]
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "BackendUnavailableError",
+    "available_backends",
+    "get_backend",
+    "resolve_backend",
+]
 
-BACKENDS = ("auto", "torch", "torch-cuda", "onnxruntime", "tensorrt")
+BACKENDS = (
+    "auto",
+    "torch",
+    "torch-cuda",
+    "onnxruntime",
+    "onnxruntime-fp32",
+    "onnxruntime-int8",
+    "tensorrt",
+)
 
 
 class BackendUnavailableError(FastlmkError):
@@ -96,10 +112,11 @@ def get_backend(model: LandmarkModel, name: str = "auto") -> Backend:
                 "use backend='torch' or 'onnxruntime' on this machine"
             )
         backend = TorchBackend(model, device)
-    elif resolved == "onnxruntime":
+    elif resolved.startswith("onnxruntime"):
         from .onnxruntime_backend import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(model)
+        precision = resolved.partition("-")[2] or "auto"
+        backend = OnnxRuntimeBackend(model, precision=precision)
     else:
         from .tensorrt_backend import TensorRTBackend
 

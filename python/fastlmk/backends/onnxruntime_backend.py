@@ -4,6 +4,12 @@ One inference session per network, created when the backend is made (once per mo
 see :func:`fastlmk.backends.get_backend`), with all graph optimisations (batch-norm
 folding, conv + activation fusion) and one intra-op thread per physical core: on CPUs
 with SMT, a second thread per core competes for the same vector units and is slower.
+
+Precision: ``"fp32"`` runs the float32 exports; ``"int8"`` the statically quantized
+networks written by :func:`fastlmk.quantize.quantize_int8` (``*.int8.onnx`` next to
+``model.json``) for the stages that have one, float32 for the others; ``"auto"`` takes
+whatever int8 networks the model ships (bundled models ship only those whose accuracy
+was checked on held-out images) and float32 for the rest.
 """
 
 from __future__ import annotations
@@ -47,6 +53,27 @@ def physical_cores() -> int:
     return max(1, logical // smt)
 
 
+def _files(model: LandmarkModel, precision: str) -> dict[str, tuple[Path, str]]:
+    """The network file and its precision for each stage."""
+    from ..export import onnx_files
+    from ..quantize import int8_file
+
+    if precision not in ("auto", "fp32", "int8"):
+        raise ModelError(f"unknown ONNX Runtime precision {precision!r}: auto, fp32 or int8")
+    fp32 = onnx_files(model)
+    if precision == "fp32" or model.path is None:
+        int8: dict[str, Path] = {}
+    else:
+        int8 = {s: Path(model.path) / int8_file(s) for s in fp32}
+        int8 = {s: p for s, p in int8.items() if p.is_file()}
+    if precision == "int8" and not int8:
+        raise ModelError(
+            f"model {model.config.name!r} has no int8 networks next to its model.json: "
+            "write them with `fastlmk export MODEL --int8 --calibration IMAGES`"
+        )
+    return {s: (int8[s], "int8") if s in int8 else (p, "fp32") for s, p in fp32.items()}
+
+
 class OnnxRuntimeBackend:
     """Runs a model's exported ONNX networks with ONNX Runtime on the CPU.
 
@@ -54,15 +81,22 @@ class OnnxRuntimeBackend:
         model: The model; its ONNX files come from :func:`fastlmk.export.onnx_files`
             (next to ``model.json``, else exported once into the cache directory).
         threads: Intra-op threads; one per physical core when None.
+        precision: ``"auto"``, ``"fp32"`` or ``"int8"`` (see the module docstring).
+
+    Attributes:
+        precision: The precision of each stage's network, ``"fp32"`` or ``"int8"``.
 
     Raises:
         BackendUnavailableError: onnxruntime is not installed.
+        ModelError: int8 asked for a model without int8 files, or an unknown precision.
     """
 
     name = "onnxruntime"
     device = torch.device("cpu")
 
-    def __init__(self, model: LandmarkModel, threads: int | None = None) -> None:
+    def __init__(
+        self, model: LandmarkModel, threads: int | None = None, precision: str = "auto"
+    ) -> None:
         try:
             import onnxruntime as ort
         except ImportError as exc:
@@ -70,7 +104,8 @@ class OnnxRuntimeBackend:
                 "backend 'onnxruntime' needs the onnxruntime package: "
                 "pip install 'fastlmk[onnx]', or use backend='torch'"
             ) from exc
-        from ..export import onnx_files
+        files = _files(model, precision)
+        self.precision = {stage: p for stage, (_, p) in files.items()}
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -82,10 +117,8 @@ class OnnxRuntimeBackend:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._model_name = model.config.name
         self._sessions: dict[str, Any] = {
-            stage: ort.InferenceSession(
-                str(path), options, providers=["CPUExecutionProvider"]
-            )
-            for stage, path in onnx_files(model).items()
+            stage: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            for stage, (path, _) in files.items()
         }
 
     def _run(self, stage: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,241 @@
+"""Int8 ONNX networks for the CPU, calibrated on real images.
+
+``quantize_int8`` writes, next to a model's float32 ONNX files::
+
+    global.int8.onnx   the global network, int8 weights (per output channel) and int8
+    local.int8.onnx    activations; the two heads (classification, displacement) stay
+                       float32, so the vote reads float32 logits and displacements
+
+The activation ranges come from the inputs the networks actually see: the float32
+pipeline is run on the calibration images and every global input and local crop batch is
+recorded. Static quantization in ONNX Runtime's operator format (QLinearConv) runs on the
+CPU's 8-bit dot-product instructions (AVX-512 VNNI / AVX-VNNI).
+
+Int8 changes the numbers: check the accuracy on held-out images before relying on it
+(``benchmarks/accuracy_isbi2015.py --backend onnxruntime-int8 --split val``).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from .errors import FastlmkError
+from .export import ExportError, onnx_files
+
+if TYPE_CHECKING:
+    from .model import LandmarkModel
+
+__all__ = ["QuantizeResult", "calibration_inputs", "int8_file", "quantize_int8"]
+
+
+def int8_file(stage: str) -> str:
+    """File name of a stage's int8 network: ``global.int8.onnx`` / ``local.int8.onnx``."""
+    return f"{stage}.int8.onnx"
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    """One quantized network.
+
+    Attributes:
+        path: The int8 ONNX file.
+        stage: ``"global"`` or ``"local"``.
+        calibration_batches: Recorded network inputs its activation ranges come from.
+        max_abs_diff: Largest absolute difference of its outputs (logits, signed-log
+            displacements) from the float32 ONNX network on the calibration inputs.
+    """
+
+    path: Path
+    stage: str
+    calibration_batches: int
+    max_abs_diff: float
+
+
+class _Recorder:
+    """A backend that runs another one and keeps a float32 copy of every input."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner, self.name, self.device = inner, inner.name, inner.device
+        self.inputs: dict[str, list[np.ndarray]] = {"global": [], "local": []}
+
+    def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.inputs["global"].append(x.detach().cpu().float().numpy().copy())
+        return self.inner.run_global(x)
+
+    def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.inputs["local"].append(x.detach().cpu().float().numpy().copy())
+        return self.inner.run_local(x)
+
+
+def calibration_inputs(
+    model: LandmarkModel,
+    images: Sequence[Any],
+    spacing: float | tuple[float, ...] | None = None,
+) -> dict[str, list[np.ndarray]]:
+    """The network inputs of the float32 pipeline on ``images``.
+
+    Args:
+        model: The model.
+        images: Anything :func:`fastlmk.localize` accepts (paths, arrays, images).
+        spacing: Pixel spacing in mm for inputs that carry none (2D image files, arrays).
+
+    Returns:
+        ``{"global": [(1, 1, *S) arrays], "local": [(1, L, *P) arrays]}`` (float32), one
+        entry per image.
+    """
+    from .backends import get_backend
+    from .inference import _localize
+
+    recorder = _Recorder(get_backend(model, "torch"))
+    for image in images:
+        _localize(image, model, spacing=spacing, backend=recorder)
+    return recorder.inputs
+
+
+def _head_nodes(path: Path) -> list[str]:
+    """Names of the nodes that write the graph's outputs (the heads stay float32)."""
+    import onnx
+
+    graph = onnx.load(str(path)).graph
+    outputs = {o.name for o in graph.output}
+    return [n.name for n in graph.node if outputs & set(n.output)]
+
+
+class _Reader:
+    """ONNX Runtime calibration reader over recorded inputs."""
+
+    def __init__(self, arrays: list[np.ndarray]) -> None:
+        self._it: Iterator[np.ndarray] = iter(arrays)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        x = next(self._it, None)
+        return None if x is None else {"image": x}
+
+    def rewind(self) -> None:  # pragma: no cover - not used by MinMax calibration
+        raise NotImplementedError
+
+
+def _max_diff(reference: Path, quantized: Path, arrays: list[np.ndarray]) -> float:
+    import onnxruntime as ort
+
+    ref = ort.InferenceSession(str(reference), providers=["CPUExecutionProvider"])
+    q = ort.InferenceSession(str(quantized), providers=["CPUExecutionProvider"])
+    worst = 0.0
+    for x in arrays:
+        for a, b in zip(ref.run(None, {"image": x}), q.run(None, {"image": x}), strict=True):
+            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+    return worst
+
+
+def quantize_int8(
+    model: LandmarkModel,
+    images: Sequence[Any],
+    *,
+    spacing: float | tuple[float, ...] | None = None,
+    directory: str | Path | None = None,
+    stages: Sequence[str] = ("global", "local"),
+) -> list[QuantizeResult]:
+    """Write int8 versions of the model's ONNX networks, calibrated on ``images``.
+
+    Args:
+        model: A loaded model.
+        images: Calibration images (use training images, never the test set); 10-30
+            are enough for the activation ranges.
+        spacing: Pixel spacing in mm for images that carry none.
+        directory: Output directory; the model's own directory when None.
+        stages: Which networks to quantize. The ONNX Runtime backend runs int8 for the
+            stages that have an int8 file and float32 for the others; the local stage
+            sets the final precision, so it is the one most sensitive to int8.
+
+    Returns:
+        One :class:`QuantizeResult` per quantized stage.
+
+    Raises:
+        ExportError: no images, an unknown stage, no output directory, or onnxruntime
+            missing.
+    """
+    if not images:
+        raise ExportError("int8 calibration needs at least one image")
+    fp32_files = onnx_files(model)
+    unknown = sorted(set(stages) - set(fp32_files))
+    if unknown or not stages:
+        raise ExportError(
+            f"cannot quantize stage(s) {unknown or list(stages)}: model {model.config.name!r} "
+            f"has {', '.join(fp32_files)}"
+        )
+    if directory is None:
+        if model.path is None:
+            raise ExportError("this model was not loaded from a directory: pass `directory`")
+        directory = model.path
+    try:
+        from onnxruntime.quantization import (
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError as exc:
+        raise ExportError(
+            "int8 quantization needs onnxruntime: pip install 'fastlmk[onnx]'"
+        ) from exc
+
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = calibration_inputs(model, images, spacing)
+    results = []
+    for stage in stages:
+        fp32, arrays = fp32_files[stage], inputs[stage]
+        path = out / int8_file(stage)
+        with tempfile.TemporaryDirectory() as tmp:
+            # Shape inference + graph cleanup first, as ONNX Runtime recommends for
+            # static quantization.
+            pre = Path(tmp) / "pre.onnx"
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            staged = Path(tmp) / "int8.onnx"
+            try:
+                quantize_static(
+                    str(pre),
+                    str(staged),
+                    _Reader(arrays),
+                    quant_format=QuantFormat.QOperator,
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    activation_type=QuantType.QUInt8,
+                    calibrate_method=CalibrationMethod.MinMax,
+                    nodes_to_exclude=_head_nodes(pre),
+                )
+            except Exception as exc:
+                raise ExportError(f"int8 quantization of {fp32.name} failed: {exc}") from exc
+            staged.replace(path)
+        results.append(QuantizeResult(path, stage, len(arrays), _max_diff(fp32, path, arrays)))
+    return results
+
+
+def check_calibration_images(images: Sequence[str | Path]) -> list[Path]:
+    """The image files among ``images`` (directories are searched, sorted).
+
+    Raises:
+        FastlmkError: none found.
+    """
+    from .io import IMAGE_SUFFIXES
+
+    found: list[Path] = []
+    for item in images:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(f for f in p.iterdir() if "".join(f.suffixes).lower() in IMAGE_SUFFIXES)
+        elif p.exists():
+            found.append(p)
+        else:
+            raise FastlmkError(f"calibration image not found: {p}")
+    if not found:
+        raise FastlmkError(f"no calibration images in {', '.join(map(str, images))}")
+    return found

@@ -1,0 +1,116 @@
+"""Int8 ONNX networks: calibration, per-stage precision choice, accuracy vs float32, CLI."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fastlmk.backends import get_backend
+from fastlmk.cli import main
+from fastlmk.errors import ModelError
+from fastlmk.export import ExportError, export_onnx
+from fastlmk.inference import errors_mm, localize
+from fastlmk.landmark_files import read_landmark_csv
+from fastlmk.model import load_model
+from fastlmk.quantize import calibration_inputs, quantize_int8
+
+pytest.importorskip("onnxruntime")
+
+
+def _ids(dataset: Path, split: str) -> list[str]:
+    with open(dataset / "split.csv", newline="") as f:
+        return [r["image"] for r in csv.DictReader(f) if r["split"] == split]
+
+
+@pytest.fixture()
+def model_copy(model_2d: Path, tmp_path: Path) -> Path:
+    """The trained 2D phantom model with its float32 ONNX files, in a private directory."""
+    d = tmp_path / "model"
+    shutil.copytree(model_2d, d)
+    export_onnx(load_model(d), d, check=False)
+    return d
+
+
+def test_calibration_records_each_networks_inputs(model_copy: Path, phantom_2d: Path) -> None:
+    model = load_model(model_copy)
+    images = [phantom_2d / "images" / f"{i}.mha" for i in _ids(phantom_2d, "train")[:3]]
+    inputs = calibration_inputs(model, images)
+    assert len(inputs["global"]) == 3 and len(inputs["local"]) == 3
+    crop = model.config.local_stage.crop_size  # type: ignore[union-attr]
+    assert all(x.shape[:2] == (1, 1) and x.dtype == np.float32 for x in inputs["global"])
+    assert all(x.shape == (1, len(model.names), *crop) for x in inputs["local"])
+    # Normalised intensities, not raw voxels: calibration must see what the network sees.
+    assert 0.5 < max(float(x.max()) for x in inputs["global"]) < 3.0
+
+
+def test_int8_keeps_accuracy_and_is_chosen_per_stage(model_copy: Path, phantom_2d: Path) -> None:
+    model = load_model(model_copy)
+    train_images = [phantom_2d / "images" / f"{i}.mha" for i in _ids(phantom_2d, "train")[:12]]
+    results = quantize_int8(model, train_images)
+    assert [(r.stage, r.path.name) for r in results] == [
+        ("global", "global.int8.onnx"),
+        ("local", "local.int8.onnx"),
+    ]
+    assert all(r.calibration_batches == 12 for r in results)
+    # Int8 changes the numbers a little, never wildly (heads stay float32).
+    assert all(0 < r.max_abs_diff < 2.0 for r in results), results
+
+    model = load_model(model_copy)
+    assert get_backend(model, "onnxruntime").precision == {"global": "int8", "local": "int8"}  # type: ignore[attr-defined]
+    assert get_backend(model, "onnxruntime-fp32").precision == {  # type: ignore[attr-defined]
+        "global": "fp32",
+        "local": "fp32",
+    }
+    truth = read_landmark_csv(phantom_2d / "landmarks.csv")
+    err = {"onnxruntime-fp32": [], "onnxruntime-int8": []}  # type: dict[str, list[np.ndarray]]
+    moved = []
+    for i in _ids(phantom_2d, "test"):
+        image = phantom_2d / "images" / f"{i}.mha"
+        lms = {b: localize(image, model, backend=b) for b in err}
+        for b, lm in lms.items():
+            err[b].append(errors_mm(lm, truth[i]))
+        moved.append(
+            np.linalg.norm(
+                lms["onnxruntime-int8"].points_mm - lms["onnxruntime-fp32"].points_mm, axis=1
+            )
+        )
+    e32, e8 = np.mean(err["onnxruntime-fp32"]), np.mean(err["onnxruntime-int8"])
+    # 1 mm pixels: int8 moves points by a fraction of a pixel and costs little accuracy.
+    assert np.mean(moved) < 0.3, np.round(moved, 2)
+    assert e8 < e32 + 0.15, (e32, e8)
+
+    # Only the global network in int8: the local one runs in float32.
+    (model_copy / "local.int8.onnx").unlink()
+    model = load_model(model_copy)
+    assert get_backend(model, "onnxruntime").precision == {"global": "int8", "local": "fp32"}  # type: ignore[attr-defined]
+
+
+def test_int8_errors(model_copy: Path, phantom_2d: Path) -> None:
+    model = load_model(model_copy)
+    with pytest.raises(ModelError, match="no int8 networks"):
+        get_backend(model, "onnxruntime-int8")
+    with pytest.raises(ExportError, match="at least one image"):
+        quantize_int8(model, [])
+    image = phantom_2d / "images" / f"{_ids(phantom_2d, 'train')[0]}.mha"
+    with pytest.raises(ExportError, match="stage"):
+        quantize_int8(model, [image], stages=("middle",))
+
+
+def test_cli_int8_export(
+    model_copy: Path, phantom_2d: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    images = [str(phantom_2d / "images" / f"{i}.mha") for i in _ids(phantom_2d, "train")[:4]]
+    argv = ["export", str(model_copy), "--int8", "--stages", "global", "--calibration", *images]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "global.int8.onnx" in out and "calibrated on 4 inputs" in out
+    assert (model_copy / "global.int8.onnx").is_file()
+    assert not (model_copy / "local.int8.onnx").exists()
+    assert main(["export", str(model_copy), "--int8"]) == 2
+    assert "--calibration" in capsys.readouterr().err
+    assert main(["export", str(model_copy), "--int8", "--calibration", "/nonexistent.mha"]) == 2
+    assert "not found" in capsys.readouterr().err
