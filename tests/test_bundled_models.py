@@ -36,3 +36,25 @@ def test_ceph_model_on_a_test1_cephalogram(backend: str) -> None:
     # test1 MRE of this model is 1.14 mm; one image's mean stays well below 2.5 mm
     assert err.mean() < 2.5, err.round(2)
     assert not lm.flagged.all()
+
+
+def test_ceph_model_ships_int8_global_network() -> None:
+    """The CPU default runs the global network in int8 and the local networks in float32
+    (int8 local networks cost accuracy on the validation split; see the README)."""
+    pytest.importorskip("onnxruntime")
+    from fastlmk.backends import get_backend
+
+    model = fastlmk.load_model("ceph-isbi2015")
+    assert get_backend(model, "onnxruntime").precision == {  # type: ignore[attr-defined]
+        "global": "int8",
+        "local": "fp32",
+    }
+    data = shared_data() / "isbi2015" / "images" / "151.jpg"
+    if not data.is_file():
+        pytest.skip(f"ISBI 2015 data not found at {data}")
+    image = fastlmk.read_image(data, spacing=0.1)
+    a = fastlmk.localize(image, model, backend="onnxruntime")
+    b = fastlmk.localize(image, model, backend="onnxruntime-fp32")
+    # The local stage (float32 in both) sets the final position; int8 only moves the crops.
+    moved = np.linalg.norm(a.points_mm - b.points_mm, axis=1)
+    assert moved.mean() < 0.2, moved.round(3)
