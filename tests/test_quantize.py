@@ -114,3 +114,15 @@ def test_cli_int8_export(
     assert "--calibration" in capsys.readouterr().err
     assert main(["export", str(model_copy), "--int8", "--calibration", "/nonexistent.mha"]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_calibration_directory_lists_its_images(phantom_2d: Path, tmp_path: Path) -> None:
+    from fastlmk.errors import FastlmkError
+    from fastlmk.quantize import check_calibration_images
+
+    found = check_calibration_images([phantom_2d / "images"])
+    assert len(found) == len(list((phantom_2d / "images").glob("*.mha"))) > 0
+    assert found == sorted(found)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(FastlmkError, match="no calibration images"):
+        check_calibration_images([tmp_path])

@@ -32,7 +32,13 @@ from .export import ExportError, onnx_files
 if TYPE_CHECKING:
     from .model import LandmarkModel
 
-__all__ = ["QuantizeResult", "calibration_inputs", "int8_file", "quantize_int8"]
+__all__ = [
+    "QuantizeResult",
+    "calibration_inputs",
+    "check_calibration_images",
+    "int8_file",
+    "quantize_int8",
+]
 
 
 def int8_file(stage: str) -> str:
@@ -117,9 +123,6 @@ class _Reader:
     def get_next(self) -> dict[str, np.ndarray] | None:
         x = next(self._it, None)
         return None if x is None else {"image": x}
-
-    def rewind(self) -> None:  # pragma: no cover - not used by MinMax calibration
-        raise NotImplementedError
 
 
 def _max_diff(reference: Path, quantized: Path, arrays: list[np.ndarray]) -> float:
@@ -227,11 +230,12 @@ def check_calibration_images(images: Sequence[str | Path]) -> list[Path]:
     """
     from .io import IMAGE_SUFFIXES
 
+    suffixes = tuple(IMAGE_SUFFIXES)
     found: list[Path] = []
     for item in images:
         p = Path(item)
         if p.is_dir():
-            found += sorted(f for f in p.iterdir() if "".join(f.suffixes).lower() in IMAGE_SUFFIXES)
+            found += sorted(f for f in p.iterdir() if f.name.lower().endswith(suffixes))
         elif p.exists():
             found.append(p)
         else:
