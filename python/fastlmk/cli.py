@@ -14,6 +14,13 @@ from .errors import FastlmkError
 __all__ = ["main"]
 
 
+def _spacing(args: argparse.Namespace) -> float | tuple[float, ...] | None:
+    """``--spacing``: one number for every axis, or one per axis (x, y[, z])."""
+    if not args.spacing:
+        return None
+    return args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
@@ -32,9 +39,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    spacing = None
-    if args.spacing:
-        spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    spacing = _spacing(args)
     table = {}
     failures = 0
     for item in args.inputs:
@@ -90,9 +95,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if not args.calibration:
             raise FastlmkError("--int8 needs --calibration IMAGE [IMAGE ...] (training images)")
         images = check_calibration_images(args.calibration)
-        spacing = None
-        if args.spacing:
-            spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+        spacing = _spacing(args)
         for q in quantize_int8(
             model, images, spacing=spacing, directory=args.out, stages=args.stages
         ):
@@ -118,9 +121,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .model import load_model
 
     model = load_model(args.model)
-    spacing = None
-    if args.spacing:
-        spacing = args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
+    spacing = _spacing(args)
     image = read_image(args.image, spacing=spacing)
     backends = args.backend or available_backends()
     for name in backends:
