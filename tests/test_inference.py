@@ -169,3 +169,22 @@ def test_nearly_constant_image_gets_a_unit_intensity_range() -> None:
 def test_blank_image_gives_a_result_with_confidences(model: LandmarkModel) -> None:
     lm = localize(np.full((96, 96), 7.0, np.float32), model, spacing=1.0)
     assert lm.points_mm.shape == (4, 2) and np.isfinite(lm.confidence).all()
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16, np.int32])
+def test_integer_images_give_the_points_of_their_float_copy(
+    model: LandmarkModel, image: sitk.Image, dtype: type
+) -> None:
+    # Integer images reach the pipeline in their own type (no float32 copy up front);
+    # the result must be that of the same values given as float32.
+    array = sitk.GetArrayFromImage(image).astype(np.float64)
+    lo, hi = np.percentile(array, [0, 100])
+    info = np.iinfo(dtype)
+    top = min(float(info.max), 250.0)
+    base = -100.0 if info.min < 0 else 0.0
+    ints = np.round(base + (array - lo) / (hi - lo) * (top - base)).astype(dtype)
+    spacing = image.GetSpacing()
+    as_int = localize(ints, model, spacing=spacing)
+    as_float = localize(ints.astype(np.float32), model, spacing=spacing)
+    np.testing.assert_allclose(as_int.points_mm, as_float.points_mm, atol=1e-4)
+    np.testing.assert_allclose(as_int.confidence, as_float.confidence, atol=1e-5)

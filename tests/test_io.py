@@ -15,7 +15,7 @@ import torch
 
 from fastlmk import geometry
 from fastlmk.errors import FastlmkError, InvalidImageError, MissingSpacingError
-from fastlmk.io import as_image, image_to_array, read_image, write_image
+from fastlmk.io import as_image, image_to_array, list_images, read_image, write_image
 
 
 def _shared_data() -> Path:
@@ -338,3 +338,45 @@ def test_multi_member_gzip_nifti_is_not_mistaken_for_truncated(tmp_path: Path) -
     (tmp_path / "short.nii").write_bytes(raw[:-3])
     with pytest.raises(InvalidImageError, match="truncated"):
         read_image(tmp_path / "short.nii")
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.uint16])
+def test_keep_integer_keeps_the_pixel_type(tmp_path: Path, dtype: type) -> None:
+    array = (np.arange(12 * 10).reshape(12, 10) % 200).astype(dtype)
+    expected = sitk.GetImageFromArray(array).GetPixelID()
+    kept = as_image(array, spacing=0.5, keep_integer=True)
+    assert kept.GetPixelID() == expected
+    np.testing.assert_array_equal(sitk.GetArrayViewFromImage(kept), array)
+    assert as_image(array, spacing=0.5).GetPixelID() == sitk.sitkFloat32
+    tensor = as_image(torch.from_numpy(array.astype(np.int16)), spacing=0.5, keep_integer=True)
+    assert tensor.GetPixelID() == sitk.sitkInt16
+    path = tmp_path / "img.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(array), str(path))
+    assert read_image(path, keep_integer=True).GetPixelID() == expected
+    assert read_image(path).GetPixelID() == sitk.sitkFloat32
+    assert as_image(sitk.GetImageFromArray(array), keep_integer=True).GetPixelID() == expected
+
+
+def test_keep_integer_still_checks_float_images() -> None:
+    array = np.zeros((8, 8), np.float32)
+    array[2, 3] = np.nan
+    with pytest.raises(InvalidImageError, match="NaN"):
+        as_image(array, spacing=1.0, keep_integer=True)
+    assert as_image(array[:4, :2] * 0, spacing=1.0, keep_integer=True).GetPixelID() == (
+        sitk.sitkFloat32
+    )
+
+
+def test_list_images_directory_and_glob(tmp_path: Path) -> None:
+    for name in ("b.png", "a.nii.gz", "c.MHA", "notes.txt", ".hidden.png"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "series1").mkdir()
+    found = list_images(tmp_path)
+    assert found == {
+        "a": tmp_path / "a.nii.gz",
+        "b": tmp_path / "b.png",
+        "c": tmp_path / "c.MHA",
+        "series1": tmp_path / "series1",
+    }
+    assert list(list_images(str(tmp_path / "*.png"))) == ["b"]
+    assert list_images(tmp_path / "missing") == {}

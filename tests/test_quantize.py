@@ -126,3 +126,10 @@ def test_calibration_directory_lists_its_images(phantom_2d: Path, tmp_path: Path
     (tmp_path / "notes.txt").write_text("not an image")
     with pytest.raises(FastlmkError, match="no calibration images"):
         check_calibration_images([tmp_path])
+    one = sorted((phantom_2d / "images").glob("*.mha"))[0]
+    assert check_calibration_images([one]) == [one]
+    pattern = phantom_2d / "images" / "phantom00*.mha"
+    expected = sorted((phantom_2d / "images").glob(pattern.name))
+    assert check_calibration_images([str(pattern)]) == expected
+    with pytest.raises(FastlmkError, match="not found"):
+        check_calibration_images([tmp_path / "missing.png"])

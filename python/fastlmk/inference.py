@@ -198,7 +198,8 @@ def _localize(
     may also be a :class:`~fastlmk.backends.Backend` object."""
     model = load_model(model)
     cfg = model.config
-    img = as_image(image, spacing=spacing)
+    # Integer images stay integer: the resampling converts them on the device, once.
+    img = as_image(image, spacing=spacing, keep_integer=True)
     if img.GetDimension() != cfg.dim:
         raise InvalidImageError(
             f"model {cfg.name!r} localizes landmarks in {cfg.dim}D images but the input is "

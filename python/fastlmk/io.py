@@ -17,6 +17,7 @@ identity direction.
 
 from __future__ import annotations
 
+import glob
 import gzip
 import math
 import os
@@ -43,6 +44,7 @@ __all__ = [
     "SpacingLike",
     "as_image",
     "image_to_array",
+    "list_images",
     "read_image",
     "write_image",
 ]
@@ -68,8 +70,9 @@ def _spacing_vector(spacing: SpacingLike, dim: int) -> np.ndarray:
     return spacing_vector(spacing, dim, hint=_spacing_message(dim))
 
 
-def _check_image(image: sitk.Image, source: str) -> sitk.Image:
-    """Validate dimension, components and values; return a float32 image."""
+def _check_image(image: sitk.Image, source: str, keep_integer: bool = False) -> sitk.Image:
+    """Validate dimension, components and values; return a float32 image (integer images
+    keep their pixel type with ``keep_integer``)."""
     dim = image.GetDimension()
     if dim not in (2, 3):
         raise InvalidImageError(
@@ -88,7 +91,8 @@ def _check_image(image: sitk.Image, source: str) -> sitk.Image:
         raise InvalidImageError(f"{source}: complex images are not supported; pass magnitudes.")
     Geometry.from_sitk(image)
     floating = image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64)
-    image = sitk.Cast(image, sitk.sitkFloat32)
+    if not (keep_integer and not floating):
+        image = sitk.Cast(image, sitk.sitkFloat32)
     if floating:  # integer voxels are always finite
         _check_finite(sitk.GetArrayViewFromImage(image), source)
     return image
@@ -213,7 +217,12 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
-def read_image(path: str | os.PathLike[str], *, spacing: SpacingLike | None = None) -> sitk.Image:
+def read_image(
+    path: str | os.PathLike[str],
+    *,
+    spacing: SpacingLike | None = None,
+    keep_integer: bool = False,
+) -> sitk.Image:
     """Read an image file or DICOM series directory as a float32 single-channel image.
 
     Supported: 2D PNG/JPEG/BMP/TIFF (RGB with identical channels becomes one channel,
@@ -226,10 +235,14 @@ def read_image(path: str | os.PathLike[str], *, spacing: SpacingLike | None = No
         spacing: mm per pixel, one scalar or one value per axis in (x, y[, z]) order.
             Required for PNG/JPEG/BMP/TIFF, which carry no physical spacing; for
             other formats it overrides the spacing stored in the file.
+        keep_integer: Return integer images with their stored pixel type (e.g. uint8,
+            int16) instead of float32; a consumer that converts the voxels itself then
+            avoids a full-size float32 copy.
 
     Returns:
-        float32 SimpleITK image, 2D or 3D. For PNG/JPEG/BMP/TIFF: origin (0, 0) at the
-        centre of the top-left pixel, identity direction, the given spacing.
+        float32 (integer with ``keep_integer``) SimpleITK image, 2D or 3D. For
+        PNG/JPEG/BMP/TIFF: origin (0, 0) at the centre of the top-left pixel, identity
+        direction, the given spacing.
 
     Raises:
         MissingSpacingError: a PNG/JPEG/BMP/TIFF file was read without ``spacing``.
@@ -271,10 +284,47 @@ def read_image(path: str | os.PathLike[str], *, spacing: SpacingLike | None = No
             image = image[:, :, 0]
         image.SetOrigin((0.0,) * image.GetDimension())
         image.SetDirection(np.eye(image.GetDimension()).ravel().tolist())
-    image = _check_image(image, str(path))
+    image = _check_image(image, str(path), keep_integer)
     if spacing is not None:
         image.SetSpacing(_spacing_vector(spacing, image.GetDimension()).tolist())
     return image
+
+
+def _image_suffix(path: Path) -> str:
+    """The image suffix of a file name, lower case (``.nii.gz`` counts as one)."""
+    name = path.name.lower()
+    return "".join(path.suffixes[-2:]).lower() if name.endswith(".gz") else path.suffix.lower()
+
+
+def list_images(spec: str | os.PathLike[str]) -> dict[str, Path]:
+    """Image files of a directory or a glob pattern, by image id.
+
+    A file counts when its suffix is one of :data:`IMAGE_SUFFIXES` (``.nii.gz`` is one
+    suffix); a sub-directory counts as a DICOM series. Hidden entries are skipped.
+
+    Args:
+        spec: A directory, or a glob pattern such as ``"images/*.png"``.
+
+    Returns:
+        Image id (the name without its image suffix) -> path, sorted by path. Empty when
+        nothing matches.
+
+    Example:
+        >>> list_images("images")  # doctest: +SKIP
+        {'001': PosixPath('images/001.jpg'), '002': PosixPath('images/002.jpg')}
+    """
+    p = Path(spec)
+    files = sorted(p.iterdir()) if p.is_dir() else sorted(Path(f) for f in glob.glob(str(spec)))
+    out: dict[str, Path] = {}
+    for f in files:
+        if f.name.startswith("."):
+            continue
+        suffix = _image_suffix(f)
+        if f.is_dir():
+            out[f.name] = f
+        elif suffix in IMAGE_SUFFIXES:
+            out[f.name[: len(f.name) - len(suffix)]] = f
+    return out
 
 
 def _squeeze_leading(array: np.ndarray, spacing: SpacingLike | None) -> np.ndarray:
@@ -294,6 +344,7 @@ def _image_from_array(
     spacing: SpacingLike | None,
     origin: Sequence[float] | np.ndarray | None,
     direction: Sequence[float] | np.ndarray | None,
+    keep_integer: bool = False,
 ) -> sitk.Image:
     if array.dtype == np.bool_ or np.issubdtype(array.dtype, np.complexfloating):
         raise InvalidImageError(
@@ -316,8 +367,9 @@ def _image_from_array(
         raise MissingSpacingError(
             f"{source}: arrays carry no physical spacing; {_spacing_message(array.ndim)}."
         )
-    data = np.ascontiguousarray(array, dtype=np.float32)
-    if np.issubdtype(array.dtype, np.floating):  # integer voxels are always finite
+    integer = np.issubdtype(array.dtype, np.integer)
+    data = np.ascontiguousarray(array, dtype=None if keep_integer and integer else np.float32)
+    if not integer:  # integer voxels are always finite
         _check_finite(data, source)
     dim = data.ndim
     geometry = Geometry(
@@ -362,6 +414,7 @@ def as_image(
     spacing: SpacingLike | None = None,
     origin: Sequence[float] | np.ndarray | None = None,
     direction: Sequence[float] | np.ndarray | None = None,
+    keep_integer: bool = False,
 ) -> sitk.Image:
     """Convert any supported image input to a validated float32 SimpleITK image.
 
@@ -387,10 +440,13 @@ def as_image(
             default: kept from the input, or zeros for arrays.
         direction: (D, D) or flattened row-major direction cosines (column k =
             direction of index axis k); default: kept from the input, or identity.
+        keep_integer: Keep integer inputs in their own pixel type instead of float32
+            (see :func:`read_image`).
 
     Returns:
-        float32, single-component, 2D or 3D SimpleITK image with finite values. The
-        caller's SimpleITK image is never modified.
+        float32 (or, with ``keep_integer``, the input's integer type), single-component,
+        2D or 3D SimpleITK image with finite values. The caller's SimpleITK image is
+        never modified.
 
     Raises:
         MissingSpacingError: array/tensor input (or PNG/JPEG) without ``spacing``.
@@ -404,14 +460,16 @@ def as_image(
         ((193, 240), (0.1, 0.1))
     """
     if isinstance(image, str | os.PathLike):
-        result = read_image(image, spacing=spacing)
+        result = read_image(image, spacing=spacing, keep_integer=keep_integer)
         return _override_geometry(result, None, origin, direction)
     if isinstance(image, sitk.Image):
         source = "SimpleITK image"
-        result = _check_image(sitk.Image(image), source)
+        result = _check_image(sitk.Image(image), source, keep_integer)
         return _override_geometry(result, spacing, origin, direction)
     if isinstance(image, np.ndarray):
-        return _image_from_array(image, "numpy array", spacing, origin, direction)
+        return _image_from_array(
+            image, "numpy array", spacing, origin, direction, keep_integer
+        )
     if _is_torch_tensor(image):
         import torch
 
@@ -421,10 +479,14 @@ def as_image(
                 f"torch tensor: dtype {tensor.dtype} is not supported; pass real-valued "
                 f"intensities (integer or floating point)."
             )
-        array = tensor.to(device="cpu", dtype=torch.float32).numpy()
-        return _image_from_array(array, "torch tensor", spacing, origin, direction)
+        integer = not (tensor.is_floating_point() or tensor.is_complex())
+        dtype = None if keep_integer and integer else torch.float32
+        array = tensor.to(device="cpu", dtype=dtype).numpy()
+        return _image_from_array(
+            array, "torch tensor", spacing, origin, direction, keep_integer
+        )
     if _is_itk_image(image):
-        return _from_itk(image, spacing, origin, direction)
+        return _from_itk(image, spacing, origin, direction, keep_integer)
     raise InvalidImageError(
         f"Unsupported image type {type(image).__module__}.{type(image).__qualname__}; expected "
         f"a path, numpy array, torch tensor, SimpleITK.Image or itk.Image."
@@ -436,6 +498,7 @@ def _from_itk(
     spacing: SpacingLike | None,
     origin: Sequence[float] | np.ndarray | None,
     direction: Sequence[float] | np.ndarray | None,
+    keep_integer: bool = False,
 ) -> sitk.Image:
     import itk
 
@@ -455,6 +518,7 @@ def _from_itk(
         np.asarray(itk.array_from_matrix(image.GetDirection())).reshape(dim, dim)
         if direction is None
         else direction,
+        keep_integer,
     )
 
 

@@ -223,21 +223,21 @@ def quantize_int8(
 
 
 def check_calibration_images(images: Sequence[str | Path]) -> list[Path]:
-    """The image files among ``images`` (directories are searched, sorted).
+    """The image files among ``images``: files as given, directories and glob patterns
+    expanded by :func:`fastlmk.io.list_images`.
 
     Raises:
-        FastlmkError: none found.
+        FastlmkError: an entry matches nothing, or no image is found.
     """
-    from .io import IMAGE_SUFFIXES
+    from .io import list_images
 
-    suffixes = tuple(IMAGE_SUFFIXES)
     found: list[Path] = []
     for item in images:
         p = Path(item)
-        if p.is_dir():
-            found += sorted(f for f in p.iterdir() if f.name.lower().endswith(suffixes))
-        elif p.exists():
+        if p.is_file():
             found.append(p)
+        elif p.is_dir() or any(ch in str(item) for ch in "*?["):
+            found += list_images(item).values()
         else:
             raise FastlmkError(f"calibration image not found: {p}")
     if not found:

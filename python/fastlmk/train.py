@@ -44,7 +44,6 @@ optimisation step of the global network and one of the local networks.
 from __future__ import annotations
 
 import csv
-import glob
 import json
 import math
 import sys
@@ -62,7 +61,7 @@ from safetensors.torch import load_file, save_file
 from .errors import FastlmkError
 from .evaluate import mean_table
 from .inference import errors_mm, localize
-from .io import IMAGE_SUFFIXES, read_image
+from .io import list_images, read_image
 from .landmark_files import LandmarkTable, read_landmark_csv
 from .model import (
     ConfidenceSpec,
@@ -120,16 +119,8 @@ def load_training_config(path: str | Path) -> dict[str, Any]:
 
 
 def _image_files(spec: str) -> dict[str, Path]:
-    """Image id (file name without its image suffix) -> file, for a directory or a glob."""
-    p = Path(spec)
-    files = sorted(p.iterdir()) if p.is_dir() else sorted(Path(f) for f in glob.glob(spec))
-    out: dict[str, Path] = {}
-    for f in files:
-        suffix = (
-            "".join(f.suffixes[-2:]).lower() if f.name.lower().endswith(".gz") else f.suffix.lower()
-        )
-        if suffix in IMAGE_SUFFIXES or f.is_dir():
-            out[f.name[: len(f.name) - len(suffix)] if suffix else f.name] = f
+    """Image id -> file for a directory or a glob (:func:`fastlmk.io.list_images`)."""
+    out = list_images(spec)
     if not out:
         raise TrainConfigError(f"no image files found at {spec!r}")
     return out
