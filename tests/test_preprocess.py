@@ -81,7 +81,9 @@ def test_fast_path_equals_reference(
     img = _image(shape, spacing, dtype, rotate=True)
     spec = IntensitySpec(1.0, 99.0)
     geom = geometry.Geometry.from_sitk(img)
-    x = torch.from_numpy(sitk.GetArrayFromImage(img).astype(np.float32))
+    # The image's own dtype: integer images are converted inside the resampling.
+    x = torch.from_numpy(sitk.GetArrayFromImage(img))
+    assert x.dtype == torch.from_numpy(np.zeros(1, dtype)).dtype
 
     # Global stage: resampled image, intensity range and geometry.
     ref, value_range = stage_image(img, gs, None, spec)
@@ -105,6 +107,19 @@ def test_fast_path_equals_reference(
     patches = stage_patches(x, geom, ls, torch.from_numpy(centres), crop, got_range)
     assert patches.shape == expected.shape
     assert np.abs(patches.numpy() - expected.numpy()).max() < TOL
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 1000, 72601])
+def test_percentiles_follow_numpy(n: int) -> None:
+    from fastlmk.preprocess import _percentiles
+
+    values = np.random.default_rng(n).normal(size=n).astype(np.float32)
+    pcts = (0.0, 1.0, 37.5, 99.0, 100.0)
+    got = [float(v) for v in _percentiles(torch.from_numpy(values), pcts)]
+    np.testing.assert_allclose(got, np.percentile(values.astype(np.float64), pcts), rtol=1e-6)
+    if torch.cuda.is_available():
+        on_gpu = [float(v) for v in _percentiles(torch.from_numpy(values).cuda(), pcts)]
+        np.testing.assert_allclose(on_gpu, got, rtol=1e-6)
 
 
 def test_training_preprocessing_is_unchanged() -> None:

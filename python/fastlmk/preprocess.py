@@ -306,7 +306,8 @@ def _axis_plan(axis: _Axis, device: torch.device) -> tuple[list[int], torch.Tens
 
 
 def _resample_axis(x: torch.Tensor, dim: int, axis: _Axis) -> torch.Tensor:
-    """Resample array axis ``dim`` of ``x`` (``(*S)`` float32) with ``axis``."""
+    """Resample array axis ``dim`` of ``x`` (``(*S)``, any real dtype) with ``axis``:
+    float32 out (``x`` itself when the axis is left as is)."""
     if axis.ratio == 1.0 and len(axis.kernel) == 1:
         return x
     starts, rows = _axis_plan(axis, x.device)
@@ -319,7 +320,7 @@ def _resample_axis(x: torch.Tensor, dim: int, axis: _Axis) -> torch.Tensor:
             flat.narrow(1, s, width)
             if 0 <= s and s + width <= axis.n_in
             else _windows(flat, 1, torch.tensor([s], device=x.device), width)[:, 0]
-        )  # (lead, W, trail)
+        ).float()  # (lead, W, trail); converts integer input one window at a time
         # Plain 2D products where possible: batched broadcasting products are slower.
         if trail == 1:
             parts.append((win[..., 0] @ rows[k].T)[..., None])
@@ -347,13 +348,15 @@ def resample_stage(
         :func:`stage_geometry` in array order.
     """
     axes = _axes(geom, spacing)
-    out = x.float()
+    # Integer input is converted window by window in the first pass (no float32 copy of
+    # the whole image); an axis left as is converts nothing, so convert here then.
+    out = x if all(a.ratio != 1.0 or len(a.kernel) > 1 for a in axes) else x.float()
     # Most reduced axis first, as the reference does: later passes touch fewer samples.
     # On ties the last (contiguous) axis goes last: its products are the slower ones.
     last = len(axes) - 1
     for dim in sorted(range(len(axes)), key=lambda d: (1.0 / axes[d].ratio, d == last)):
         out = _resample_axis(out, dim, axes[dim])
-    return out
+    return out.float()
 
 
 def normalise(values: torch.Tensor, value_range: torch.Tensor) -> torch.Tensor:
@@ -366,13 +369,27 @@ def _percentiles(values: torch.Tensor, percents: Sequence[float]) -> list[torch.
     """``numpy.percentile``'s default (linear) rule by selection, without a full sort
     (torch.quantile sorts, ~10x slower on the CPU): float64 0-d tensors on the device."""
     n = values.numel()
-    out = []
+    ranks = []
     for pct in percents:
         pos = pct / 100.0 * (n - 1)
         k = math.floor(pos)
+        ranks.append((pos - k, k, min(k + 1, n - 1)))
+    if values.device.type == "cpu":
+        # One numpy selection for all ranks: a single pass instead of two kthvalue
+        # calls per percentile.
+        flat = values.detach().numpy()
+        kth = sorted({r for _, k, k1 in ranks for r in (k, k1)})
+        part = np.partition(flat, kth)
+        return [
+            torch.tensor(float(part[k]) + frac * (float(part[k1]) - float(part[k])),
+                         dtype=torch.float64)
+            for frac, k, k1 in ranks
+        ]
+    out = []
+    for frac, k, k1 in ranks:
         below = values.kthvalue(k + 1).values.double()
-        above = values.kthvalue(min(k + 2, n)).values.double()
-        out.append(below + (pos - k) * (above - below))
+        above = values.kthvalue(k1 + 1).values.double()
+        out.append(below + frac * (above - below))
     return out
 
 
@@ -401,6 +418,26 @@ def prepare_global(
     scale = torch.maximum(torch.maximum(lo.abs(), hi.abs()), torch.ones_like(lo))
     value_range = torch.stack([lo, torch.where(hi - lo > 1e-6 * scale, hi, lo + 1.0)])
     return StageTensor(normalise(coarse, value_range), stage_geometry(geom, spacing)), value_range
+
+
+def _gather_windows(
+    x: torch.Tensor, index: list[torch.Tensor], starts: list[torch.Tensor], widths: list[int]
+) -> torch.Tensor:
+    """``x[tuple(index)]``: the ``(K, *W)`` windows of ``x`` at ``starts`` (edge samples
+    repeated outside ``x``). On the CPU, windows inside ``x`` are plain slices: advanced
+    indexing with broadcast index tensors is several times slower there. On a GPU the one
+    gather stays, as it needs no host synchronisation."""
+    if x.device.type != "cpu":
+        return x[tuple(index)]
+    first = [s.tolist() for s in starts]
+    parts = []
+    for j in range(len(first[0])):
+        lo = [first[d][j] for d in range(x.ndim)]
+        if all(0 <= a and a + w <= n for a, w, n in zip(lo, widths, x.shape, strict=True)):
+            parts.append(x[tuple(slice(a, a + w) for a, w in zip(lo, widths, strict=True))])
+        else:
+            parts.append(x[tuple(i[j] for i in index)])
+    return torch.stack(parts)
 
 
 def stage_patches(
@@ -450,7 +487,7 @@ def stage_patches(
             0, axes[d].n_in - 1
         )
         index.append(i.reshape(k, *[widths[d] if e == d else 1 for e in range(dim)]))
-    win = x[tuple(index)].float()  # (K, *W)
+    win = _gather_windows(x, index, starts, widths).float()  # (K, *W)
     if dim == 2:
         raw = torch.einsum("kpi,kij,kqj->kpq", rows[0], win, rows[1])
     else:
