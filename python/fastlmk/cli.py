@@ -110,6 +110,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ensemble(args: argparse.Namespace) -> int:
+    from .model import ensemble_local
+
+    model = ensemble_local(list(args.models), name=args.name)
+    out = model.save(args.out)
+    members = len(model.config.local_stage.network.members)  # type: ignore[union-attr]
+    print(f"{out}: global network of {args.models[0]}, {members} local network members")
+    return 0
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     import time
 
@@ -207,6 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm (2D files)")
     p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "ensemble",
+        help="combine the local networks of several models (same crops) into one model",
+    )
+    p.add_argument("models", nargs="+", help="models; the first gives the global network")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--name", help="model name (default: the first model's)")
+    p.set_defaults(func=_cmd_ensemble)
 
     p = sub.add_parser("bench", help="time localize on one image with each backend")
     p.add_argument("model", help="bundled model name or model directory")

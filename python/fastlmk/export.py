@@ -31,7 +31,7 @@ import torch
 
 from .errors import FastlmkError
 from .model import LandmarkModel
-from .networks import LandmarkFCN
+from .networks import LandmarkFCN, NetworkEnsemble
 
 __all__ = [
     "ExportError",
@@ -131,7 +131,7 @@ def onnx_files(model: LandmarkModel, fp16: bool = False) -> dict[str, Path]:
     return files
 
 
-def _network(model: LandmarkModel, stage: str) -> LandmarkFCN:
+def _network(model: LandmarkModel, stage: str) -> LandmarkFCN | NetworkEnsemble:
     net = model.global_net if stage == "global" else model.local_net
     if net is None:
         raise ExportError(f"model {model.config.name!r} has no {stage} stage to export")
@@ -141,7 +141,7 @@ def _network(model: LandmarkModel, stage: str) -> LandmarkFCN:
 def _example_shapes(model: LandmarkModel, stage: str) -> list[tuple[int, ...]]:
     """Two input shapes ``(B, C, *S)`` per stage: one to trace, one to test dynamic axes."""
     net = _network(model, stage)
-    s, dim = net.stride, model.dim
+    s, dim = net.spec.input_multiple, model.dim
     if stage == "global":
         return [(1, 1, *([4 * s] * dim)), (2, 1, *[(3 + k) * s for k in range(dim)])]
     crop = model.config.local_stage.crop_size if model.config.local_stage else (2 * s,) * dim

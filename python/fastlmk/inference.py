@@ -81,7 +81,7 @@ def run_global(
     """Global stage on a prepared image: one network call and one vote."""
     spec = model.config.global_stage
     stride = spec.network.stride
-    x = pad_to_multiple(image.tensor[None, None], stride)
+    x = pad_to_multiple(image.tensor[None, None], spec.network.input_multiple)
     logits, disp = backend.run_global(x)
     mark("global")
     v = _vote(logits[0], disp[0], model.dim, stride, spec.vote_min_prob)

@@ -14,7 +14,7 @@ No file of a model can execute code when loaded (no pickle). Bundled models live
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .errors import ModelError
-from .networks import LandmarkFCN, NetworkSpec
+from .networks import (
+    AnyNetworkSpec,
+    EnsembleSpec,
+    LandmarkFCN,
+    NetworkEnsemble,
+    NetworkSpec,
+    build_network,
+    network_spec_from_dict,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -33,6 +41,7 @@ __all__ = [
     "ModelConfig",
     "StageSpec",
     "available_models",
+    "ensemble_local",
     "load_model",
 ]
 
@@ -73,13 +82,14 @@ class StageSpec:
 
     Attributes:
         spacing: Working spacing in mm, (x, y[, z]) order.
-        network: Architecture of the stage's network(s).
+        network: Architecture of the stage's network(s): one network, or an ensemble
+            whose votes are pooled.
         crop_size: Local stage only: crop size in working pixels, array order.
         vote_min_prob: Cells with probability below this are left out of the vote.
     """
 
     spacing: tuple[float, ...]
-    network: NetworkSpec
+    network: AnyNetworkSpec
     crop_size: tuple[int, ...] = ()
     vote_min_prob: float = 0.0
 
@@ -100,7 +110,7 @@ class StageSpec:
             crop = tuple(int(c) for c in d.get("crop_size", ()))
             spec = cls(
                 spacing=spacing,
-                network=NetworkSpec.from_dict(d.get("network", {})),
+                network=network_spec_from_dict(d.get("network", {})),
                 crop_size=crop,
                 vote_min_prob=float(d.get("vote_min_prob", 0.0)),
             )
@@ -110,10 +120,11 @@ class StageSpec:
             raise ModelError(
                 f"model.json: '{name}' spacing {spec.spacing} must be {dim} positive numbers (mm)"
             )
-        if crop and (len(crop) != dim or any(c % spec.network.stride for c in crop)):
+        multiple = spec.network.input_multiple
+        if crop and (len(crop) != dim or any(c % multiple for c in crop)):
             raise ModelError(
                 f"model.json: '{name}' crop_size {crop} must be {dim} multiples of "
-                f"the network stride {spec.network.stride}"
+                f"the network stride {multiple}"
             )
         return spec
 
@@ -222,8 +233,8 @@ class LandmarkModel:
     def __init__(
         self,
         config: ModelConfig,
-        global_net: LandmarkFCN,
-        local_net: LandmarkFCN | None,
+        global_net: LandmarkFCN | NetworkEnsemble,
+        local_net: LandmarkFCN | NetworkEnsemble | None,
         path: Path | None = None,
     ) -> None:
         self.config = config
@@ -236,10 +247,10 @@ class LandmarkModel:
     def create(cls, config: ModelConfig) -> LandmarkModel:
         """Randomly initialised networks for ``config`` (used by training)."""
         n = len(config.landmarks)
-        gnet = LandmarkFCN(config.dim, n, config.global_stage.network)
+        gnet = build_network(config.dim, n, config.global_stage.network)
         lnet = None
         if config.local_stage is not None:
-            lnet = LandmarkFCN(config.dim, 1, config.local_stage.network, groups=n)
+            lnet = build_network(config.dim, 1, config.local_stage.network, groups=n)
         return cls(config, gnet, lnet)
 
     @property
@@ -335,6 +346,77 @@ def load_model(name_or_dir: str | Path | LandmarkModel) -> LandmarkModel:
     if model.local_net is not None:
         model.local_net.eval()
     return model
+
+
+def ensemble_local(
+    models: list[LandmarkModel | str | Path], name: str | None = None
+) -> LandmarkModel:
+    """One model whose local stage pools the votes of several models' local networks.
+
+    The first model gives the global network and everything else in the configuration;
+    the local networks of all models become the members of one
+    :class:`~fastlmk.networks.NetworkEnsemble` (members of ensembles are taken over one
+    by one). The local stages must agree in spacing, crop size, landmarks and intensity
+    normalisation, so that all members see the same crops.
+
+    Args:
+        models: Two or more models (loaded, directories or bundled names).
+        name: Name of the result (default: the first model's).
+
+    Returns:
+        The combined model (not saved; see :meth:`LandmarkModel.save`).
+
+    Raises:
+        ModelError: fewer than two models, a model without a local stage, or stages that
+            do not agree.
+    """
+    loaded = [load_model(m) for m in models]
+    if len(loaded) < 2:
+        raise ModelError("ensemble_local: needs at least two models")
+    first = loaded[0]
+    base = first.config.local_stage
+    specs: list[NetworkSpec] = []
+    states: list[dict[str, torch.Tensor]] = []
+    for m in loaded:
+        stage = m.config.local_stage
+        where = f"model {m.config.name!r} ({m.path})"
+        if stage is None or m.local_net is None or base is None:
+            raise ModelError(f"ensemble_local: {where} has no local stage")
+        if (m.names, m.dim, m.config.intensity) != (first.names, first.dim, first.config.intensity):
+            raise ModelError(
+                f"ensemble_local: {where} differs in landmarks, dimension or intensity "
+                f"normalisation from {first.config.name!r}"
+            )
+        if (stage.spacing, stage.crop_size) != (base.spacing, base.crop_size):
+            raise ModelError(
+                f"ensemble_local: {where} crops {stage.crop_size} at {stage.spacing} mm; "
+                f"the first model crops {base.crop_size} at {base.spacing} mm"
+            )
+        net = m.local_net
+        if isinstance(net, NetworkEnsemble):
+            specs += list(net.spec.members)
+            states += [_state(member) for member in net.members]
+        else:
+            assert isinstance(stage.network, NetworkSpec)
+            specs.append(stage.network)
+            states.append(_state(net))
+    assert base is not None
+    local = replace(base, network=EnsembleSpec(tuple(specs)))
+    sources = [
+        {"model": m.config.name, "path": str(m.path), **m.config.metadata} for m in loaded
+    ]
+    metadata = {**first.config.metadata, "local_ensemble_of": sources}
+    config = replace(
+        first.config, name=name or first.config.name, local_stage=local, metadata=metadata
+    )
+    combined = LandmarkModel.create(config)
+    combined.global_net.load_state_dict(first.global_net.state_dict())
+    assert isinstance(combined.local_net, NetworkEnsemble)
+    for member, state in zip(combined.local_net.members, states, strict=True):
+        member.load_state_dict(state)
+    combined.global_net.eval()
+    combined.local_net.eval()
+    return combined
 
 
 def as_float_tuple(values: Any, dim: int, what: str) -> tuple[float, ...]:

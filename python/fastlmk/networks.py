@@ -22,7 +22,17 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["LandmarkFCN", "NetworkSpec", "build_network", "cell_origin", "split_outputs"]
+__all__ = [
+    "AnyNetworkSpec",
+    "EnsembleSpec",
+    "LandmarkFCN",
+    "NetworkEnsemble",
+    "NetworkSpec",
+    "build_network",
+    "cell_origin",
+    "network_spec_from_dict",
+    "split_outputs",
+]
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,11 @@ class NetworkSpec:
         """Input pixels per output cell along every axis."""
         return 2 * 2**self.pools
 
+    @property
+    def input_multiple(self) -> int:
+        """Every input size must be a multiple of this."""
+        return self.stride
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["channels"] = list(self.channels)
@@ -80,6 +95,48 @@ class NetworkSpec:
             stem_kernel=int(d.get("stem_kernel", cls.stem_kernel)),
             head_channels=int(d.get("head_channels", 0)),
         )
+
+
+@dataclass(frozen=True)
+class EnsembleSpec:
+    """Several networks on the same input whose votes are pooled (see
+    :class:`NetworkEnsemble`).
+
+    Attributes:
+        members: The member architectures (at least two).
+    """
+
+    members: tuple[NetworkSpec, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.members) < 2:
+            raise ValueError("network ensemble: needs at least two members")
+
+    @property
+    def stride(self) -> int:
+        """Stride of the ensemble's output grid: the finest member stride."""
+        return min(m.stride for m in self.members)
+
+    @property
+    def input_multiple(self) -> int:
+        """Every input size must be a multiple of every member's stride."""
+        return max(m.stride for m in self.members)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"members": [m.to_dict() for m in self.members]}
+
+
+#: The architecture of one stage's network.
+AnyNetworkSpec = NetworkSpec | EnsembleSpec
+
+
+def network_spec_from_dict(d: dict[str, Any]) -> AnyNetworkSpec:
+    """A :class:`NetworkSpec`, or an :class:`EnsembleSpec` for ``{"members": [...]}``."""
+    if "members" in d:
+        if set(d) != {"members"} or not isinstance(d["members"], list):
+            raise ValueError('network ensemble: expected {"members": [spec, spec, ...]} only')
+        return EnsembleSpec(tuple(NetworkSpec.from_dict(m) for m in d["members"]))
+    return NetworkSpec.from_dict(d)
 
 
 def cell_origin(stride: int) -> float:
@@ -196,12 +253,97 @@ class LandmarkFCN(nn.Module):
         return self.cls_head(features), self.reg_head(features)
 
 
+class NetworkEnsemble(nn.Module):
+    """Member networks on the same input, their outputs laid out as one vote.
+
+    The vote of the outputs is the probability-weighted vote over the cells of all
+    members: each member's grid is brought to the finest member stride ``s`` (a cell of
+    stride ``k * s`` becomes ``k**D`` cells, each with ``1 / k**D`` of its probability
+    and its displacement re-expressed from the new cell centres), and the members'
+    grids are placed side by side along the last spatial axis (displacements again
+    re-expressed from the shifted cell centres). Positions voted by every cell are
+    unchanged, so the pooled vote is the vote-weight-weighted mean of the members'
+    votes, and its spread includes their disagreement.
+
+    Args:
+        dim: Spatial dimensionality, 2 or 3.
+        n_landmarks: Landmarks per group.
+        spec: The members.
+        groups: As for :class:`LandmarkFCN`.
+
+    Input: ``(B, groups, *S)``, every ``S`` a multiple of ``spec.input_multiple``.
+    Output: ``(logits, disp)`` of :class:`LandmarkFCN`'s layout on the grid
+        ``G = (S_0 / s, ..., S_{D-1} / s * M)`` for ``M`` members.
+    """
+
+    def __init__(self, dim: int, n_landmarks: int, spec: EnsembleSpec, groups: int = 1) -> None:
+        super().__init__()
+        self.dim, self.n_landmarks, self.groups, self.spec = dim, n_landmarks, groups, spec
+        self.members = nn.ModuleList(
+            LandmarkFCN(dim, n_landmarks, m, groups=groups) for m in spec.members
+        )
+
+    @property
+    def stride(self) -> int:
+        return self.spec.stride
+
+    def _to_fine(
+        self, logits: torch.Tensor, disp: torch.Tensor, k: int, shift_last: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One member's outputs on the fine grid (factor ``k``), displacements measured
+        from fine cell centres shifted by ``shift_last`` pixels along the last axis."""
+        dim, s = self.dim, self.spec.stride
+        b, c = logits.shape[:2]
+        grid = logits.shape[2:]
+        d = disp.reshape(b, c, dim, *grid)
+        pixels = torch.sign(d) * (torch.pow(10.0, d.abs()) - 1.0)  # inverse signed-log10
+        if k > 1:
+            # Probability p spread evenly over the k**D fine cells: logit(p / k**D).
+            q = torch.sigmoid(logits) / float(k**dim)
+            logits = torch.log(q) - torch.log1p(-q)
+            for axis in range(dim):
+                logits = logits.repeat_interleave(k, dim=2 + axis)
+                pixels = pixels.repeat_interleave(k, dim=3 + axis)
+        # Coarse centre minus fine centre, per fine cell r within its coarse cell:
+        # (k - 1) * s / 2 - (r mod k) * s, minus the member's shift along the last axis.
+        fine = pixels.shape[3:]
+        offsets = []
+        for axis in range(dim):
+            r = torch.arange(fine[axis], device=pixels.device) % k
+            o = (k - 1) * s / 2.0 - r.to(pixels.dtype) * s
+            if axis == dim - 1:
+                o = o - shift_last
+            shape = [1] * dim
+            shape[axis] = fine[axis]
+            offsets.append(o.reshape(shape))
+        pixels = pixels + torch.stack(
+            [o.expand(*fine) for o in offsets]
+        ).reshape(1, 1, dim, *fine)
+        out = torch.sign(pixels) * torch.log10(1.0 + pixels.abs())
+        return logits, out.reshape(b, c * dim, *fine)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        s = self.spec.stride
+        all_logits, all_disp = [], []
+        shift = 0.0
+        for member, mspec in zip(self.members, self.spec.members, strict=True):
+            logits, disp = member(x)
+            logits, disp = self._to_fine(logits, disp, mspec.stride // s, shift)
+            shift += float(logits.shape[-1] * s)
+            all_logits.append(logits)
+            all_disp.append(disp)
+        return torch.cat(all_logits, dim=-1), torch.cat(all_disp, dim=-1)
+
+
 def build_network(
-    dim: int, n_landmarks: int, spec: NetworkSpec | dict[str, Any], groups: int = 1
-) -> LandmarkFCN:
-    """Build a :class:`LandmarkFCN` from a spec or its dict form."""
+    dim: int, n_landmarks: int, spec: AnyNetworkSpec | dict[str, Any], groups: int = 1
+) -> LandmarkFCN | NetworkEnsemble:
+    """Build a :class:`LandmarkFCN` (or a :class:`NetworkEnsemble`) from a spec or its
+    dict form."""
     if isinstance(spec, dict):
-        spec = NetworkSpec.from_dict(spec)
+        spec = network_spec_from_dict(spec)
+    if isinstance(spec, EnsembleSpec):
+        return NetworkEnsemble(dim, n_landmarks, spec, groups=groups)
     return LandmarkFCN(dim, n_landmarks, spec, groups=groups)
 
 

@@ -106,12 +106,17 @@ def calibration_inputs(
 
 
 def _head_nodes(path: Path) -> list[str]:
-    """Names of the nodes that write the graph's outputs (the heads stay float32)."""
+    """Names of the head convolutions and of the nodes that write the graph's outputs
+    (they stay float32; in an ensemble the heads are followed by the pooling ops)."""
     import onnx
 
     graph = onnx.load(str(path)).graph
     outputs = {o.name for o in graph.output}
-    return [n.name for n in graph.node if outputs & set(n.output)]
+    return [
+        n.name
+        for n in graph.node
+        if outputs & set(n.output) or "cls_head" in n.name or "reg_head" in n.name
+    ]
 
 
 class _Reader:

@@ -36,9 +36,12 @@
     checkpoint_every = 200
     seed = 0
     threads = 0                         # 0: torch's default
+    global_from = "runs/other-model"    # optional: reuse (and freeze) this model's global
+                                        # network; only the local networks are trained
 
 Relative paths are relative to the configuration file. Each iteration takes one
-optimisation step of the global network and one of the local networks.
+optimisation step of the global network (unless it comes from ``global_from``) and one of
+the local networks.
 """
 
 from __future__ import annotations
@@ -70,8 +73,9 @@ from .model import (
     ModelConfig,
     StageSpec,
     as_float_tuple,
+    load_model,
 )
-from .networks import NetworkSpec
+from .networks import LandmarkFCN, NetworkEnsemble, network_spec_from_dict
 from .preprocess import orient, stage_image
 from .sampling import sample_patches, source_to_patch
 from .targets import LossWeights, landmark_loss
@@ -115,6 +119,9 @@ def load_training_config(path: str | Path) -> dict[str, Any]:
         data["landmarks"] = [absolute(p) for p in ([lms] if isinstance(lms, str) else lms)]
     if "output" in cfg:
         cfg["output"] = absolute(cfg["output"])
+    tcfg = cfg.get("train", {})
+    if "global_from" in tcfg:
+        tcfg["global_from"] = absolute(tcfg["global_from"])
     return cfg
 
 
@@ -169,7 +176,7 @@ def _stage_from(section: dict[str, Any], dim: int, name: str) -> StageSpec:
     try:
         return StageSpec(
             spacing=as_float_tuple(section["spacing"], dim, f"[{name}] spacing"),
-            network=NetworkSpec.from_dict(section.get("network", {})),
+            network=network_spec_from_dict(section.get("network", {})),
             crop_size=tuple(int(c) for c in section.get("crop_size", ())),
             vote_min_prob=float(section.get("vote_min_prob", 0.0)),
         )
@@ -182,10 +189,11 @@ def _model_config(cfg: dict[str, Any], dim: int, names: list[str]) -> ModelConfi
     lstage = None
     if cfg.get("local"):
         lstage = _stage_from(cfg["local"], dim, "local")
-        if len(lstage.crop_size) != dim or any(c % lstage.network.stride for c in lstage.crop_size):
+        multiple = lstage.network.input_multiple
+        if len(lstage.crop_size) != dim or any(c % multiple for c in lstage.crop_size):
             raise TrainConfigError(
                 f"[local] crop_size must be {dim} multiples of the local "
-                f"network stride {lstage.network.stride}"
+                f"network stride {multiple}"
             )
     final = lstage or gstage
     cell_mm = float(np.mean(final.spacing)) * final.network.stride
@@ -326,7 +334,14 @@ class _Trainer:
         self.model = LandmarkModel.create(self.config)
         lr = float(tcfg.get("lr", 1e-3))
         wd = float(tcfg.get("weight_decay", 1e-4))
-        self.gopt = torch.optim.AdamW(self.model.global_net.parameters(), lr=lr, weight_decay=wd)
+        self.global_from = tcfg.get("global_from")
+        self.gopt: torch.optim.Optimizer | None = None
+        if self.global_from:
+            self._reuse_global(str(self.global_from))
+        else:
+            self.gopt = torch.optim.AdamW(
+                self.model.global_net.parameters(), lr=lr, weight_decay=wd
+            )
         self.lopt = (
             None
             if self.model.local_net is None
@@ -367,6 +382,31 @@ class _Trainer:
         self.t0 = time.perf_counter()
         self.history: list[dict[str, Any]] = []
 
+    def _reuse_global(self, source: str) -> None:
+        """Take the global network of an existing model, frozen (no optimiser step, batch
+        norm statistics kept)."""
+        if self.model.local_net is None:
+            raise TrainConfigError("[train] global_from needs a [local] stage to train")
+        other = load_model(source)
+        mine = self.config
+        if tuple(other.names) != tuple(mine.landmarks) or other.dim != mine.dim:
+            raise TrainConfigError(
+                f"[train] global_from: {source} has landmarks {other.names} ({other.dim}D); "
+                f"this configuration has {mine.landmarks} ({mine.dim}D)"
+            )
+        if other.config.global_stage != mine.global_stage:
+            raise TrainConfigError(
+                f"[train] global_from: the [global] section must match the global stage of "
+                f"{source}: {other.config.global_stage} != {mine.global_stage}"
+            )
+        if other.config.intensity != mine.intensity:
+            raise TrainConfigError(f"[train] global_from: {source} normalises differently")
+        self.model.global_net.load_state_dict(other.global_net.state_dict())
+        self.model.global_net.eval()
+        for p in self.model.global_net.parameters():
+            p.requires_grad_(False)
+        self.log(f"global network taken from {source} (not trained)")
+
     # -- one optimisation step per stage ------------------------------------------------
     def _lr(self, it: int) -> float:
         warm = min(1.0, (it + 1) / 50)
@@ -395,6 +435,23 @@ class _Trainer:
             ]
         )
 
+    def _loss(
+        self, net: LandmarkFCN | NetworkEnsemble, x: torch.Tensor, target: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one network; an ensemble's members are trained independently, each
+        on its own grid (the sum of their losses; parts averaged for the log)."""
+        members = list(net.members) if isinstance(net, NetworkEnsemble) else [net]
+        total = torch.zeros(())
+        parts: dict[str, float] = {}
+        for member in members:
+            assert isinstance(member, LandmarkFCN)
+            logits, disp = member(x)
+            loss, p = landmark_loss(logits, disp, target, member.stride, self.loss_weights)
+            total = total + loss
+            for k, v in p.items():
+                parts[k] = parts.get(k, 0.0) + v / len(members)
+        return total, parts
+
     def _global_step(self, idx: torch.Tensor) -> dict[str, float]:
         dim, b = self.config.dim, len(idx)
         trans_px = float(self.aug.get("translation_mm", 0.0)) / torch.tensor(
@@ -412,10 +469,8 @@ class _Trainer:
             truth, centres[:, None].expand(b, n_lm, dim), self.patch, mats.expand(b, n_lm, dim, dim)
         )
         x = _intensity(x, self.aug, self.gen)
-        logits, disp = self.model.global_net(x)
-        loss, parts = landmark_loss(
-            logits, disp, lms, self.config.global_stage.network.stride, self.loss_weights
-        )
+        loss, parts = self._loss(self.model.global_net, x, lms)
+        assert self.gopt is not None
         self.gopt.zero_grad(set_to_none=True)
         loss.backward()
         self.gopt.step()
@@ -438,8 +493,7 @@ class _Trainer:
         target = source_to_patch(truth, centres, stage.crop_size, mats)  # (B, L, D)
         x = _intensity(x, self.aug, self.gen)
         # Group l of the local network sees crop l and predicts landmark l only.
-        logits, disp = self.model.local_net(x)
-        loss, parts = landmark_loss(logits, disp, target, stage.network.stride, self.loss_weights)
+        loss, parts = self._loss(self.model.local_net, x, target)
         self.lopt.zero_grad(set_to_none=True)
         loss.backward()
         self.lopt.step()
@@ -458,7 +512,7 @@ class _Trainer:
         return {"val_mre_mm": float(np.nanmean(e)), "val_median_mm": float(np.nanmedian(e))}
 
     def _set_training(self, training: bool) -> None:
-        self.model.global_net.train(training)
+        self.model.global_net.train(training and self.gopt is not None)
         if self.model.local_net is not None:
             self.model.local_net.train(training)
 
@@ -544,7 +598,9 @@ class _Trainer:
                     for group in opt.param_groups:
                         group["lr"] = lr
             idx = torch.randint(n, (self.batch_size,), generator=self.gen)
-            parts = {f"g_{k}": v for k, v in self._global_step(idx).items()}
+            parts: dict[str, float] = {}
+            if self.gopt is not None:
+                parts.update({f"g_{k}": v for k, v in self._global_step(idx).items()})
             if self.model.local_net is not None:
                 parts.update({f"l_{k}": v for k, v in self._local_step(idx).items()})
             done = it + 1
@@ -577,6 +633,7 @@ class _Trainer:
                     "val_images": [s.image_id for s in self.val],
                     "seed": self.seed,
                     "final_validation": last_val,
+                    **({"global_from": str(self.global_from)} if self.global_from else {}),
                 },
             }
         )

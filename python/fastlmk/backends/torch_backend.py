@@ -11,7 +11,7 @@ from ..errors import ModelError
 
 if TYPE_CHECKING:
     from ..model import LandmarkModel
-    from ..networks import LandmarkFCN
+    from ..networks import LandmarkFCN, NetworkEnsemble
 
 __all__ = ["TorchBackend"]
 
@@ -36,7 +36,9 @@ class TorchBackend:
         self._local = None if model.local_net is None else self._prepare(model.local_net)
         self._model_name = model.config.name
 
-    def _prepare(self, net: LandmarkFCN) -> LandmarkFCN:
+    def _prepare(
+        self, net: LandmarkFCN | NetworkEnsemble
+    ) -> LandmarkFCN | NetworkEnsemble:
         if self.device.type == "cpu":
             return net
         return copy.deepcopy(net).to(self.device).eval()

@@ -1,0 +1,141 @@
+"""Network ensembles (pooled votes), combining local networks, training a local stage
+on a frozen global network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fastlmk import ModelError, load_model, localize
+from fastlmk.model import ensemble_local
+from fastlmk.networks import (
+    EnsembleSpec,
+    NetworkEnsemble,
+    NetworkSpec,
+    build_network,
+    cell_origin,
+    network_spec_from_dict,
+)
+
+FINE = NetworkSpec(channels=(8, 8), blocks=(1, 1), pools=1)  # stride 4
+COARSE = NetworkSpec(channels=(8, 8, 8), blocks=(1, 1, 1), pools=2)  # stride 8
+
+
+def _reference_vote(logits: np.ndarray, disp: np.ndarray, stride: int, dim: int):
+    """float64 vote of one member: per landmark (position, total weight)."""
+    n_lm = logits.shape[0]
+    grid = logits.shape[1:]
+    prob = 1.0 / (1.0 + np.exp(-logits))
+    d = disp.reshape(n_lm, dim, *grid)
+    pixels = np.sign(d) * (10.0 ** np.abs(d) - 1.0)
+    centres = np.stack(
+        np.meshgrid(*[np.arange(n) * stride + cell_origin(stride) for n in grid], indexing="ij")
+    )
+    votes = centres[None] + pixels  # (L, D, *G)
+    w = prob.reshape(n_lm, -1)
+    pos = (votes.reshape(n_lm, dim, -1) * w[:, None]).sum(-1) / w.sum(-1)[:, None]
+    return pos, w.sum(-1)
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_pooled_vote_is_the_weighted_mean_of_member_votes(dim: int) -> None:
+    torch.manual_seed(dim)
+    groups = 3
+    net = build_network(dim, 1, EnsembleSpec((FINE, COARSE)), groups=groups)
+    assert isinstance(net, NetworkEnsemble)
+    net.eval()
+    for p in net.parameters():  # random, non-trivial outputs
+        p.data.normal_(0.0, 0.3)
+    size = [16, 24, 32][:dim] if dim == 3 else [24, 32]
+    x = torch.randn(1, groups, *size)
+    with torch.no_grad():
+        logits, disp = net(x)
+        members = [m(x) for m in net.members]
+    grid = [s // 4 for s in size]
+    assert tuple(logits.shape) == (1, groups, *grid[:-1], grid[-1] * 2)
+    assert tuple(disp.shape) == (1, groups * dim, *grid[:-1], grid[-1] * 2)
+
+    pooled, pooled_w = _reference_vote(logits[0].double().numpy(), disp[0].double().numpy(), 4, dim)
+    # The member votes, combined by their weights: what the pooled vote must equal.
+    num, den = 0.0, 0.0
+    for (ml, md), stride in zip(members, (4, 8), strict=True):
+        pos, w = _reference_vote(ml[0].double().numpy(), md[0].double().numpy(), stride, dim)
+        num = num + pos * w[:, None]
+        den = den + w
+    np.testing.assert_allclose(pooled_w, den, rtol=1e-4)
+    np.testing.assert_allclose(pooled, num / den[:, None], atol=2e-3)  # pixels
+
+
+def test_spec_round_trip_and_errors() -> None:
+    spec = EnsembleSpec((FINE, COARSE))
+    assert network_spec_from_dict(spec.to_dict()) == spec
+    assert spec.stride == 4 and spec.input_multiple == 8
+    assert network_spec_from_dict(FINE.to_dict()) == FINE
+    with pytest.raises(ValueError, match="at least two"):
+        EnsembleSpec((FINE,))
+    with pytest.raises(ValueError, match="members"):
+        network_spec_from_dict({"members": [FINE.to_dict()], "pools": 1})
+
+
+def test_ensemble_of_a_model_with_itself_gives_its_points(
+    model_2d: Path, phantom_2d: Path, tmp_path: Path
+) -> None:
+    image = phantom_2d / "images" / "phantom060.mha"
+    single = load_model(model_2d)
+    combined = ensemble_local([single, model_2d], name="twice")
+    assert isinstance(combined.local_net, NetworkEnsemble)
+    saved = load_model(combined.save(tmp_path / "twice"))
+    assert saved.config.name == "twice"
+    assert len(saved.config.metadata["local_ensemble_of"]) == 2
+    ref = localize(image, single, backend="torch")
+    for backend in ("torch", "onnxruntime"):
+        got = localize(image, saved, backend=backend)
+        # Identical members: the pooled vote is the single vote (float32 rounding only).
+        np.testing.assert_allclose(got.points_mm, ref.points_mm, atol=1e-3)
+        np.testing.assert_allclose(got.confidence, ref.confidence, atol=1e-3)
+
+
+def test_ensemble_needs_matching_local_stages(model_2d: Path, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    one = load_model(model_2d)
+    assert one.config.local_stage is not None
+    other_stage = replace(one.config.local_stage, spacing=(0.5, 0.5))
+    other = load_model(model_2d)
+    other.config = replace(other.config, local_stage=other_stage)
+    with pytest.raises(ModelError, match="crops"):
+        ensemble_local([one, other])
+    with pytest.raises(ModelError, match="at least two"):
+        ensemble_local([one])
+
+
+def test_local_stage_trained_on_a_frozen_global_network(
+    phantom_2d: Path, model_2d: Path, tmp_path: Path
+) -> None:
+    from fastlmk.phantoms import phantom_training_config
+    from fastlmk.train import train
+
+    cfg = phantom_training_config(phantom_2d, 2, iterations=4, output=tmp_path / "b")
+    cfg["local"]["network"] = {"members": [FINE.to_dict(), COARSE.to_dict()]}
+    cfg["train"].update(val_every=2, checkpoint_every=2, batch_size=2, global_from=str(model_2d))
+    lines: list[str] = []
+    out = train(cfg, log=lines.append)
+    trained, source = load_model(out), load_model(model_2d)
+    for (k, a), b in zip(
+        trained.global_net.state_dict().items(), source.global_net.state_dict().values(),
+        strict=True,
+    ):
+        assert torch.equal(a, b), k  # weights and batch-norm statistics untouched
+    assert any("not trained" in line for line in lines)
+    assert not any("g_cls" in line for line in lines)
+    assert trained.config.metadata["training"]["global_from"] == str(model_2d)
+    assert isinstance(trained.local_net, NetworkEnsemble)
+
+    cfg["global"]["spacing"] = [2.0, 2.0]
+    from fastlmk.train import TrainConfigError
+
+    with pytest.raises(TrainConfigError, match="must match"):
+        train(cfg, output=tmp_path / "c", log=lines.append)
