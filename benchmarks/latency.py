@@ -262,7 +262,7 @@ def network_shapes(model: LandmarkModel, image: sitk.Image) -> dict[str, tuple[i
 
     cfg = model.config
     coarse = stage_geometry(Geometry.from_sitk(image), cfg.global_stage.spacing)
-    x = pad_to_multiple(torch.zeros(1, 1, *coarse.size[::-1]), model.global_net.stride)
+    x = pad_to_multiple(torch.zeros(1, 1, *coarse.size[::-1]), model.global_net.spec.input_multiple)
     shapes = {"global": tuple(x.shape)}
     if cfg.local_stage is not None:
         shapes["local"] = (1, len(cfg.landmarks), *cfg.local_stage.crop_size)

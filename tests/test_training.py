@@ -121,3 +121,17 @@ def test_same_seed_same_weights_and_resume_continues(phantom_2d: Path, tmp_path:
     wc = load_file(str(c / "local.safetensors"))
     wa_local = load_file(str(a / "local.safetensors"))
     assert all(np.allclose(wa_local[k], wc[k], atol=1e-6) for k in wa_local)
+
+
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parents[1] / "configs").glob("*.toml")), ids=lambda p: p.name
+)
+def test_shipped_training_configs_are_valid(path: Path) -> None:
+    from fastlmk.train import _model_config, load_training_config
+
+    cfg = load_training_config(path)
+    dim = len(cfg["global"]["spacing"])
+    config = _model_config(cfg, dim, [f"L{i}" for i in range(3)])
+    assert config.global_stage.spacing == tuple(cfg["global"]["spacing"])
+    if "global_from" in cfg.get("train", {}):
+        assert Path(cfg["train"]["global_from"]).is_absolute()

@@ -151,7 +151,8 @@ class TensorRTBackend:
         net = self._model.global_net if stage == "global" else self._model.local_net
         if net is None:
             raise ModelError(f"model {self._model.config.name!r} has no {stage} stage")
-        bucket = tuple(_bucket(n, net.stride) for n in shape[2:])
+        multiple = net.spec.input_multiple  # every member of an ensemble must fit
+        bucket = tuple(_bucket(n, multiple) for n in shape[2:])
         key = (stage, bucket)
         if key not in self._engines:
             precision = "fp16" if self.fp16 else "fp32"
@@ -160,7 +161,7 @@ class TensorRTBackend:
                 f"{model_hash(self._model)}-{stage}-{precision}-{size}-{self._tag()}.plan"
             )
             if not plan_path.is_file():
-                self._build(stage, shape, bucket, net.stride, plan_path)
+                self._build(stage, shape, bucket, multiple, plan_path)
             self._engines[key] = _Engine(
                 self._trt, self._runtime, plan_path.read_bytes(), self.device
             )
