@@ -176,7 +176,7 @@ def localize(
 
 def _image_tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
     """Voxels of ``image`` as a tensor on ``device``, array order, the image's own dtype
-    (converted to float32 window by window during resampling, not all at once)."""
+    (integer images are converted to float32 by the resampling, on the device)."""
     array = sitk.GetArrayViewFromImage(image)  # no copy; read only, while ``image`` lives
     if array.dtype.kind == "u" and array.dtype.itemsize > 1:  # torch lacks uint16/32 ops
         array = array.astype(np.int64 if array.dtype.itemsize > 2 else np.int32)
@@ -198,7 +198,8 @@ def _localize(
     may also be a :class:`~fastlmk.backends.Backend` object."""
     model = load_model(model)
     cfg = model.config
-    # Integer images stay integer: the resampling converts them on the device, once.
+    # Integer images stay integer here: the resampling converts them on the device
+    # (faster than a float32 SimpleITK copy first).
     img = as_image(image, spacing=spacing, keep_integer=True)
     if img.GetDimension() != cfg.dim:
         raise InvalidImageError(

@@ -464,7 +464,10 @@ def as_image(
         return _override_geometry(result, None, origin, direction)
     if isinstance(image, sitk.Image):
         source = "SimpleITK image"
-        result = _check_image(sitk.Image(image), source, keep_integer)
+        override = not (spacing is None and origin is None and direction is None)
+        # Copy only to change the geometry: a SimpleITK copy shares the pixels until they
+        # are accessed, and then copies them all (80 ms for a CT volume).
+        result = _check_image(sitk.Image(image) if override else image, source, keep_integer)
         return _override_geometry(result, spacing, origin, direction)
     if isinstance(image, np.ndarray):
         return _image_from_array(
