@@ -139,3 +139,14 @@ def test_local_stage_trained_on_a_frozen_global_network(
 
     with pytest.raises(TrainConfigError, match="must match"):
         train(cfg, output=tmp_path / "c", log=lines.append)
+
+
+def test_ensemble_command(model_2d: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from fastlmk.cli import main
+
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(model_2d), str(model_2d), "--out", str(out), "--name", "e"]) == 0
+    assert "2 local network members" in capsys.readouterr().out
+    model = load_model(out)
+    assert model.config.name == "e" and isinstance(model.local_net, NetworkEnsemble)
+    assert main(["ensemble", str(model_2d), "--out", str(tmp_path / "one")]) != 0
