@@ -112,10 +112,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from .model import ensemble_local
+    from .networks import EnsembleSpec
 
     model = ensemble_local(list(args.models), name=args.name)
     out = model.save(args.out)
-    members = len(model.config.local_stage.network.members)  # type: ignore[union-attr]
+    network = model.config.local_stage.network if model.config.local_stage else None
+    members = len(network.members) if isinstance(network, EnsembleSpec) else 1
     print(f"{out}: global network of {args.models[0]}, {members} local network members")
     return 0
 

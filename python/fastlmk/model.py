@@ -375,12 +375,14 @@ def ensemble_local(
         raise ModelError("ensemble_local: needs at least two models")
     first = loaded[0]
     base = first.config.local_stage
+    if base is None:
+        raise ModelError(f"ensemble_local: model {first.config.name!r} has no local stage")
     specs: list[NetworkSpec] = []
     states: list[dict[str, torch.Tensor]] = []
     for m in loaded:
         stage = m.config.local_stage
         where = f"model {m.config.name!r} ({m.path})"
-        if stage is None or m.local_net is None or base is None:
+        if stage is None or m.local_net is None:
             raise ModelError(f"ensemble_local: {where} has no local stage")
         if (m.names, m.dim, m.config.intensity) != (first.names, first.dim, first.config.intensity):
             raise ModelError(
@@ -400,7 +402,6 @@ def ensemble_local(
             assert isinstance(stage.network, NetworkSpec)
             specs.append(stage.network)
             states.append(_state(net))
-    assert base is not None
     local = replace(base, network=EnsembleSpec(tuple(specs)))
     sources = [
         {"model": m.config.name, "path": str(m.path), **m.config.metadata} for m in loaded
