@@ -1,9 +1,14 @@
 """Accuracy and speed of each numeric precision on the ISBI 2015 validation split; JSON.
 
-    python benchmarks/precision_isbi2015.py --out benchmarks/results/precision_isbi2015_val.json
-
 Variants, all in one run on the same images (the validation images recorded in the
-model's training metadata; never test1):
+model's training metadata; never test1). The bundled model is trained on every training
+image, so run this on the model of the same recipe that held the validation images out:
+
+    fastlmk train --config configs/isbi2015.toml
+    fastlmk train --config configs/isbi2015-local-b.toml
+    fastlmk ensemble runs/ceph-isbi2015 runs/ceph-isbi2015-local-b --out runs/ceph-isbi2015-ensemble
+    python benchmarks/precision_isbi2015.py --model runs/ceph-isbi2015-ensemble \
+        --out benchmarks/results/precision_isbi2015_val.json
 
 * ``torch-fp32``: the torch backend (the reference of the deltas).
 * ``torch-bf16``: the same networks under CPU bfloat16 autocast.
@@ -99,7 +104,7 @@ def run_variant(model: fastlmk.LandmarkModel, backend: Any, images: dict[str, An
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="ceph-isbi2015")
+    parser.add_argument("--model", required=True)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--calibration", type=int, default=20,
                         help="training images used to calibrate int8 (default 20)")
@@ -116,7 +121,10 @@ def main() -> int:
     cal_ids = [i for i in training.get("train_images", []) if i not in val_ids]
     cal_ids = cal_ids[: args.calibration]
     if not val_ids or not cal_ids:
-        raise SystemExit("the model records no training/validation split")
+        raise SystemExit(
+            f"model {args.model} records no validation images (the bundled model is trained "
+            "on all 150 training images): pass --model a model trained with a validation "
+            "split, e.g. the ensemble of configs/isbi2015.toml + configs/isbi2015-local-b.toml")
     senior = read_landmark_csv(data / "landmarks_senior.csv")
     junior = read_landmark_csv(data / "landmarks_junior.csv")
     truth = mean_table([{i: senior[i] for i in val_ids}, {i: junior[i] for i in val_ids}])

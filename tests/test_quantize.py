@@ -19,6 +19,7 @@ from fastlmk.model import load_model
 from fastlmk.quantize import calibration_inputs, quantize_int8
 
 pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
 
 
 def _ids(dataset: Path, split: str) -> list[str]:
@@ -58,6 +59,16 @@ def test_int8_keeps_accuracy_and_is_chosen_per_stage(model_copy: Path, phantom_2
     assert all(r.calibration_batches == 12 for r in results)
     # Int8 changes the numbers a little, never wildly (heads stay float32).
     assert all(0 < r.max_abs_diff < 2.0 for r in results), results
+    # The local networks are quantized as one graph per landmark (int8 runtimes have no
+    # fast grouped kernels); the heads and everything after them stay float32.
+    graph = onnx.load(str(model_copy / "local.int8.onnx")).graph
+    convs = [n for n in graph.node if n.op_type in ("Conv", "QLinearConv")]
+    groups = [a.i for n in convs for a in n.attribute if a.name == "group"]
+    assert convs and all(g == 1 for g in groups)
+    heads = [n for n in convs if "cls_head" in n.name or "reg_head" in n.name]
+    assert len(heads) == 2 * len(model.names) and all(n.op_type == "Conv" for n in heads)
+    body = [n for n in convs if "/body/" in n.name]
+    assert body and all(n.op_type == "QLinearConv" for n in body)
 
     model = load_model(model_copy)
     assert get_backend(model, "onnxruntime").precision == {"global": "int8", "local": "int8"}  # type: ignore[attr-defined]

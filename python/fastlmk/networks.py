@@ -28,10 +28,12 @@ __all__ = [
     "LandmarkFCN",
     "NetworkEnsemble",
     "NetworkSpec",
+    "UngroupedFCN",
     "build_network",
     "cell_origin",
     "network_spec_from_dict",
     "split_outputs",
+    "ungrouped",
 ]
 
 
@@ -333,6 +335,69 @@ class NetworkEnsemble(nn.Module):
             all_logits.append(logits)
             all_disp.append(disp)
         return torch.cat(all_logits, dim=-1), torch.cat(all_disp, dim=-1)
+
+
+class UngroupedFCN(nn.Module):
+    """The ``groups`` networks of a grouped :class:`LandmarkFCN` as separate modules.
+
+    Computes exactly what the grouped network computes (same input and output layout),
+    with ordinary (``groups=1``) convolutions: group ``l`` becomes ``parts[l]``, a
+    :class:`LandmarkFCN` holding that group's slice of every weight and normalisation
+    statistic. Int8 runtimes lack fast grouped convolution kernels and quantize each
+    convolution's activations with one scale; as separate graphs, every landmark's
+    network gets its own fast kernels and its own activation scales.
+
+    Input / Output: as for :class:`LandmarkFCN`.
+    """
+
+    def __init__(self, net: LandmarkFCN) -> None:
+        super().__init__()
+        self.dim, self.n_landmarks, self.groups, self.spec = (
+            net.dim,
+            net.n_landmarks,
+            net.groups,
+            net.spec,
+        )
+        g = net.groups
+        grouped = net.state_dict()
+        like = net.cls_head.weight
+        self.parts = nn.ModuleList()
+        for i in range(g):
+            part = LandmarkFCN(net.dim, net.n_landmarks, net.spec, groups=1)
+            part = part.to(device=like.device, dtype=like.dtype)
+            state = {}
+            for key, target in part.state_dict().items():
+                t = grouped[key]
+                if t.dim() == 0:  # BatchNorm's num_batches_tracked
+                    state[key] = t.clone()
+                    continue
+                n = t.shape[0] // g
+                state[key] = t[i * n : (i + 1) * n].clone()
+                if state[key].shape != target.shape:
+                    raise ValueError(f"cannot ungroup {key}: {tuple(t.shape)} for {g} groups")
+            part.load_state_dict(state)
+            self.parts.append(part.train(net.training))
+
+    @property
+    def stride(self) -> int:
+        return self.spec.stride
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        outputs = [part(x[:, i : i + 1]) for i, part in enumerate(self.parts)]
+        return torch.cat([o[0] for o in outputs], 1), torch.cat([o[1] for o in outputs], 1)
+
+
+def ungrouped(net: LandmarkFCN | NetworkEnsemble) -> nn.Module:
+    """``net`` with every grouped network replaced by its :class:`UngroupedFCN` (the
+    same function; the weights are copied). A network of one group is returned as is."""
+    if net.groups == 1:
+        return net
+    if isinstance(net, NetworkEnsemble):
+        copy = NetworkEnsemble(net.dim, net.n_landmarks, net.spec, groups=1)
+        copy.groups = net.groups
+        copy.members = nn.ModuleList(UngroupedFCN(m) for m in net.members)  # type: ignore[arg-type]
+        return copy.train(net.training)
+    return UngroupedFCN(net)
 
 
 def build_network(

@@ -6,6 +6,11 @@
     local.int8.onnx    activations; the two heads (classification, displacement) stay
                        float32, so the vote reads float32 logits and displacements
 
+The L local networks run as one grouped network in float32; their int8 file holds them
+ungrouped, one graph per landmark side by side (same input and outputs): ONNX Runtime's
+int8 convolutions have no fast kernel for grouped convolutions, and separate graphs give
+every landmark's activations their own quantization scales.
+
 The activation ranges come from the inputs the networks actually see: the float32
 pipeline is run on the calibration images and every global input and local crop batch is
 recorded. Static quantization in ONNX Runtime's operator format (QLinearConv) runs on the
@@ -28,6 +33,7 @@ import torch
 
 from .errors import FastlmkError
 from .export import ExportError, onnx_files
+from .networks import ungrouped
 
 if TYPE_CHECKING:
     from .model import LandmarkModel
@@ -105,18 +111,30 @@ def calibration_inputs(
     return recorder.inputs
 
 
-def _head_nodes(path: Path) -> list[str]:
-    """Names of the head convolutions and of the nodes that write the graph's outputs
-    (they stay float32; in an ensemble the heads are followed by the pooling ops)."""
+def _float_nodes(path: Path) -> list[str]:
+    """Names of the nodes that stay float32: everything outside the networks' stems and
+    bodies (the heads, so the vote reads float32 logits and displacements, and in an
+    ensemble the ops that lay the members' outputs out as one vote)."""
     import onnx
 
     graph = onnx.load(str(path)).graph
-    outputs = {o.name for o in graph.output}
-    return [
-        n.name
-        for n in graph.node
-        if outputs & set(n.output) or "cls_head" in n.name or "reg_head" in n.name
-    ]
+    return [n.name for n in graph.node if "/stem/" not in n.name and "/body/" not in n.name]
+
+
+def _source_onnx(model: LandmarkModel, stage: str, fp32: Path, tmp: Path) -> Path:
+    """The float32 graph to quantize: the exported file, except for grouped (local)
+    networks, which are exported ungrouped (one graph per landmark, same outputs), so
+    every landmark's network gets its own activation scales and ONNX Runtime's fast
+    int8 convolution kernels (it has none for grouped convolutions)."""
+    net = model.global_net if stage == "global" else model.local_net
+    if net is None or net.groups == 1:
+        return fp32
+    from .export import _example_shapes, _write_atomically
+
+    path = tmp / "ungrouped.onnx"
+    shape = _example_shapes(model, stage)[0]
+    _write_atomically(ungrouped(net).eval(), torch.rand(shape), path)
+    return path
 
 
 class _Reader:
@@ -206,7 +224,8 @@ def quantize_int8(
             # Shape inference + graph cleanup first, as ONNX Runtime recommends for
             # static quantization.
             pre = Path(tmp) / "pre.onnx"
-            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            source = _source_onnx(model, stage, fp32, Path(tmp))
+            quant_pre_process(str(source), str(pre), skip_symbolic_shape=True)
             staged = Path(tmp) / "int8.onnx"
             try:
                 quantize_static(
@@ -218,7 +237,7 @@ def quantize_int8(
                     weight_type=QuantType.QInt8,
                     activation_type=QuantType.QUInt8,
                     calibrate_method=CalibrationMethod.MinMax,
-                    nodes_to_exclude=_head_nodes(pre),
+                    nodes_to_exclude=_float_nodes(pre),
                 )
             except Exception as exc:
                 raise ExportError(f"int8 quantization of {fp32.name} failed: {exc}") from exc
