@@ -48,7 +48,9 @@ def test_calibration_records_each_networks_inputs(model_copy: Path, phantom_2d: 
     assert 0.5 < max(float(x.max()) for x in inputs["global"]) < 3.0
 
 
-def test_int8_keeps_accuracy_and_is_chosen_per_stage(model_copy: Path, phantom_2d: Path) -> None:
+def test_int8_keeps_accuracy_and_is_chosen_per_stage(
+    model_copy: Path, phantom_2d: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = load_model(model_copy)
     train_images = [phantom_2d / "images" / f"{i}.mha" for i in _ids(phantom_2d, "train")[:12]]
     results = quantize_int8(model, train_images)
@@ -93,6 +95,17 @@ def test_int8_keeps_accuracy_and_is_chosen_per_stage(model_copy: Path, phantom_2
     # 1 mm pixels: int8 moves points by a fraction of a pixel and costs little accuracy.
     assert np.mean(moved) < 0.3, np.round(moved, 2)
     assert e8 < e32 + 0.15, (e32, e8)
+
+    # Int8 files for every stage (as bundled): no float32 export is needed at all.
+    int8_only = tmp_path / "int8-only"
+    fp32_files = shutil.ignore_patterns("global.onnx", "local.onnx")
+    shutil.copytree(model_copy, int8_only, ignore=fp32_files)
+    monkeypatch.setenv("FASTLMK_CACHE_DIR", str(tmp_path / "cache"))
+    backend = get_backend(load_model(int8_only), "onnxruntime")
+    assert backend.precision == {"global": "int8", "local": "int8"}  # type: ignore[attr-defined]
+    assert not list((tmp_path / "cache").rglob("*.onnx"))
+    get_backend(load_model(int8_only), "onnxruntime-fp32")  # exported on demand
+    assert {p.name for p in (tmp_path / "cache").rglob("*.onnx")} == {"global.onnx", "local.onnx"}
 
     # Only the global network in int8: the local one runs in float32.
     (model_copy / "local.int8.onnx").unlink()

@@ -60,18 +60,20 @@ def _files(model: LandmarkModel, precision: str) -> dict[str, tuple[Path, str]]:
 
     if precision not in ("auto", "fp32", "int8"):
         raise ModelError(f"unknown ONNX Runtime precision {precision!r}: auto, fp32 or int8")
-    fp32 = onnx_files(model)
+    stages = ["global"] + (["local"] if model.local_net is not None else [])
     if precision == "fp32" or model.path is None:
         int8: dict[str, Path] = {}
     else:
-        int8 = {s: Path(model.path) / int8_file(s) for s in fp32}
+        int8 = {s: Path(model.path) / int8_file(s) for s in stages}
         int8 = {s: p for s, p in int8.items() if p.is_file()}
     if precision == "int8" and not int8:
         raise ModelError(
             f"model {model.config.name!r} has no int8 networks next to its model.json: "
             "write them with `fastlmk export MODEL --int8 --calibration IMAGES`"
         )
-    return {s: (int8[s], "int8") if s in int8 else (p, "fp32") for s, p in fp32.items()}
+    # The float32 files are exported (once, into the cache) only when a stage needs them.
+    fp32 = onnx_files(model) if set(int8) != set(stages) else {}
+    return {s: (int8[s], "int8") if s in int8 else (fp32[s], "fp32") for s in stages}
 
 
 class OnnxRuntimeBackend:
