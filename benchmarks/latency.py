@@ -10,7 +10,10 @@ Cases (both in one run, every backend available here, ratios to the torch backen
   here (global 4 mm, local 1 mm crops of 32^3, 32 landmarks; random weights).
 
 Timed from the decoded array to landmarks in mm (``localize`` on a SimpleITK image),
-after warm-up; median, p90 and p99 of the repeats; CUDA is synchronised inside every
+after warm-up; the backends take turns, one run each per repeat, so that a shared
+machine's drifts hit them alike; median, p90 and p99 of the repeats, the ratio of the
+medians to torch's and the paired ratio (median over repeats of torch's run time over
+the backend's run time in the same repeat); CUDA is synchronised inside every
 timed step. Each backend's landmarks are first checked against the torch backend's.
 Also recorded: peak resident memory, the multiply-accumulates (MACs) of every
 convolution of each network at the benchmark's input size, the machine's measured
@@ -207,27 +210,44 @@ def ct_case() -> tuple[str, LandmarkModel, sitk.Image, dict[str, Any]]:
 # -- timing ------------------------------------------------------------------------------
 
 
-def time_backend(model: LandmarkModel, image: sitk.Image, backend: str, warmup: int,
-                 repeats: int) -> tuple[dict[str, Any], np.ndarray]:
-    for _ in range(warmup):
-        points = _localize(image, model, backend=backend).points_mm
-    per_step: dict[str, list[float]] = {s: [] for s in STEPS}
-    total: list[float] = []
+def time_backends(model: LandmarkModel, image: sitk.Image, backends: list[str], warmup: int,
+                  repeats: int) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
+    """Time every backend on the same image, interleaved: each repeat runs every backend
+    once in turn, so drifts of a shared machine's speed hit all backends alike; the
+    paired ratio to torch is the median over repeats of the two runs' ratio."""
+    points: dict[str, np.ndarray] = {}
+    for backend in backends:
+        for _ in range(warmup):
+            points[backend] = _localize(image, model, backend=backend).points_mm
+    per_step = {b: {s: [] for s in STEPS} for b in backends}  # type: dict[str, dict[str, list[float]]]
+    total: dict[str, list[float]] = {b: [] for b in backends}
     for _ in range(repeats):
-        sync()
-        last = start = time.perf_counter()
-
-        def mark(step: str) -> None:
-            nonlocal last
+        for backend in backends:
+            steps = per_step[backend]
             sync()
-            now = time.perf_counter()
-            per_step[step].append(1e3 * (now - last))
-            last = now
+            last = start = time.perf_counter()
 
-        _localize(image, model, backend=backend, mark=mark)
-        total.append(1e3 * (time.perf_counter() - start))
-    steps = {s: float(np.median(v)) for s, v in per_step.items() if v}
-    return {"end_to_end": stats(total), "steps_median_ms": steps}, points
+            def mark(step: str, steps: dict[str, list[float]] = steps) -> None:
+                nonlocal last
+                sync()
+                now = time.perf_counter()
+                steps[step].append(1e3 * (now - last))
+                last = now
+
+            _localize(image, model, backend=backend, mark=mark)
+            total[backend].append(1e3 * (time.perf_counter() - start))
+    out = {}
+    for backend in backends:
+        timing: dict[str, Any] = {
+            "end_to_end": stats(total[backend]),
+            "steps_median_ms": {s: float(np.median(v)) for s, v in per_step[backend].items()
+                                if v},
+        }
+        if "torch" in total:
+            timing["paired_speedup_vs_torch_cpu"] = float(np.median(
+                np.array(total["torch"]) / np.array(total[backend])))
+        out[backend] = (timing, points[backend])
+    return out
 
 
 def batch_throughput(model: LandmarkModel, image: sitk.Image, backend: str,
@@ -328,15 +348,19 @@ def run_case(case: Callable[[], tuple[str, LandmarkModel, sitk.Image, dict[str, 
     result: dict[str, Any] = {**info, "size": list(image.GetSize()),
                               "spacing_mm": list(image.GetSpacing()),
                               "networks": flops_report(model, image), "backends": {}}
-    reference = None
+    available = []
     for backend in backends:
         try:
             get_backend(model, backend)
         except fastlmk.FastlmkError as exc:
             result["backends"][backend] = {"skipped": str(exc)}
             continue
-        print(f"[{name}] {backend} ...", file=sys.stderr, flush=True)
-        timing, points = time_backend(model, image, backend, warmup, repeats)
+        available.append(backend)
+    print(f"[{name}] {', '.join(available)} ...", file=sys.stderr, flush=True)
+    timed = time_backends(model, image, available, warmup, repeats)
+    reference = None
+    for backend in available:
+        timing, points = timed[backend]
         if reference is None:
             reference = points
         timing["max_diff_mm_vs_first_backend"] = float(np.nanmax(np.abs(points - reference)))
@@ -370,7 +394,7 @@ def run_case(case: Callable[[], tuple[str, LandmarkModel, sitk.Image, dict[str, 
 
 
 def print_table(report: dict[str, Any]) -> None:
-    print("\ncase  backend           median ms    p90 ms   vs torch   steps (median ms)")
+    print("\ncase  backend           median ms    p90 ms   vs torch  paired   steps (median ms)")
     for case, res in report["cases"].items():
         for backend, t in res["backends"].items():
             if "end_to_end" not in t:
@@ -379,8 +403,10 @@ def print_table(report: dict[str, Any]) -> None:
             e = t["end_to_end"]
             steps = " ".join(f"{k}={v:.1f}" for k, v in t["steps_median_ms"].items())
             ratio = t.get("speedup_vs_torch_cpu")
+            paired = t.get("paired_speedup_vs_torch_cpu")
             print(f"{case:5s} {backend:16s} {e['median_ms']:9.1f} {e['p90_ms']:9.1f}   "
-                  f"{(f'{ratio:.2f}x' if ratio else '-'):>7s}   {steps}")
+                  f"{(f'{ratio:.2f}x' if ratio else '-'):>7s}  "
+                  f"{(f'{paired:.2f}x' if paired else '-'):>6s}   {steps}")
         peer = res.get("peer")
         if peer:
             text = (f"{peer['end_to_end']['median_ms']:.1f} ms median ({peer['pipeline']})"
