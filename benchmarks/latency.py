@@ -219,7 +219,7 @@ def time_backends(model: LandmarkModel, image: sitk.Image, backends: list[str], 
     for backend in backends:
         for _ in range(warmup):
             points[backend] = _localize(image, model, backend=backend).points_mm
-    per_step = {b: {s: [] for s in STEPS} for b in backends}  # type: dict[str, dict[str, list[float]]]
+    per_step: dict[str, dict[str, list[float]]] = {b: {s: [] for s in STEPS} for b in backends}
     total: dict[str, list[float]] = {b: [] for b in backends}
     for _ in range(repeats):
         for backend in backends:
