@@ -272,18 +272,29 @@ class NetworkEnsemble(nn.Module):
         n_landmarks: Landmarks per group.
         spec: The members.
         groups: As for :class:`LandmarkFCN`.
+        members: Ready member modules, one per ``spec.members`` entry, taking the
+            ``(B, groups, *S)`` input (default: new :class:`LandmarkFCN` members).
 
     Input: ``(B, groups, *S)``, every ``S`` a multiple of ``spec.input_multiple``.
     Output: ``(logits, disp)`` of :class:`LandmarkFCN`'s layout on the grid
         ``G = (S_0 / s, ..., S_{D-1} / s * M)`` for ``M`` members.
     """
 
-    def __init__(self, dim: int, n_landmarks: int, spec: EnsembleSpec, groups: int = 1) -> None:
+    def __init__(
+        self,
+        dim: int,
+        n_landmarks: int,
+        spec: EnsembleSpec,
+        groups: int = 1,
+        members: Sequence[nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         self.dim, self.n_landmarks, self.groups, self.spec = dim, n_landmarks, groups, spec
-        self.members = nn.ModuleList(
-            LandmarkFCN(dim, n_landmarks, m, groups=groups) for m in spec.members
-        )
+        if members is None:
+            members = [LandmarkFCN(dim, n_landmarks, m, groups=groups) for m in spec.members]
+        if len(members) != len(spec.members):
+            raise ValueError(f"network ensemble: {len(members)} modules for {spec}")
+        self.members = nn.ModuleList(members)
 
     @property
     def stride(self) -> int:
@@ -393,10 +404,10 @@ def ungrouped(net: LandmarkFCN | NetworkEnsemble) -> nn.Module:
     if net.groups == 1:
         return net
     if isinstance(net, NetworkEnsemble):
-        copy = NetworkEnsemble(net.dim, net.n_landmarks, net.spec, groups=1)
-        copy.groups = net.groups
-        copy.members = nn.ModuleList(UngroupedFCN(m) for m in net.members)  # type: ignore[arg-type]
-        return copy.train(net.training)
+        members = [UngroupedFCN(m) for m in net.members if isinstance(m, LandmarkFCN)]
+        return NetworkEnsemble(
+            net.dim, net.n_landmarks, net.spec, groups=net.groups, members=members
+        ).train(net.training)
     return UngroupedFCN(net)
 
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import FastlmkError
-from .export import ExportError, onnx_files
+from .export import ExportError, _example_shapes, _write_atomically, onnx_files
 from .networks import ungrouped
 
 if TYPE_CHECKING:
@@ -129,8 +129,6 @@ def _source_onnx(model: LandmarkModel, stage: str, fp32: Path, tmp: Path) -> Pat
     net = model.global_net if stage == "global" else model.local_net
     if net is None or net.groups == 1:
         return fp32
-    from .export import _example_shapes, _write_atomically
-
     path = tmp / "ungrouped.onnx"
     shape = _example_shapes(model, stage)[0]
     _write_atomically(ungrouped(net).eval(), torch.rand(shape), path)
