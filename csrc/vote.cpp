@@ -17,6 +17,11 @@
 namespace py = pybind11;
 
 namespace fastlmk {
+// csrc/resample.cpp
+void bind_resample(py::module_& m);
+}  // namespace fastlmk
+
+namespace fastlmk {
 namespace {
 
 std::string shape_str(const std::vector<int64_t>& shape) {
@@ -174,7 +179,9 @@ int device_count() {
 
 PYBIND11_MODULE(_C, m) {
   using namespace fastlmk;
-  m.doc() = "fastlmk's compiled kernels: the probability-weighted landmark vote (CPU and CUDA).";
+  m.doc() =
+      "fastlmk's compiled kernels: the probability-weighted landmark vote (CPU and CUDA) and "
+      "the separable resampling of the CPU preprocessing.";
 
   m.def("vote_cpu", &vote_cpu_py, py::arg("prob"), py::arg("disp"), py::kw_only(),
         py::arg("stride"), py::arg("origin"), py::arg("transform"), py::arg("min_prob"),
@@ -187,4 +194,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_compiled", &cuda_compiled, "Whether this build contains the CUDA kernel.");
   m.def("cuda_device_count", &device_count,
         "Number of visible CUDA devices; 0 without CUDA support, driver or device.");
+  bind_resample(m);
 }

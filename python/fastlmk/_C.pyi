@@ -1,6 +1,8 @@
-"""fastlmk's compiled kernels: the probability-weighted landmark vote (CPU and CUDA).
+"""fastlmk's compiled kernels: the probability-weighted landmark vote (CPU and CUDA) and
+the separable resampling of the CPU preprocessing.
 
-Private: call :func:`fastlmk.ops.vote`, which checks and converts its inputs.
+Private: call :func:`fastlmk.ops.vote`, which checks and converts its inputs, and
+:func:`fastlmk.preprocess.resample_stage`.
 Every output row is ``(position[0..D), weight, spread)`` in float64, positions as
 continuous input-pixel indices in grid (numpy) axis order; see :mod:`fastlmk.ops`.
 """
@@ -80,3 +82,29 @@ def cuda_compiled() -> bool:
 
 def cuda_device_count() -> int:
     """Number of visible CUDA devices; 0 without CUDA support, driver or device."""
+
+def resample_axis_cpu(
+    x: npt.NDArray[np.generic],
+    first: npt.NDArray[np.int64],
+    weights: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    """Resample axis 1 of ``x`` by a short linear map per output sample, with the GIL
+    released, on a pool of threads.
+
+    ``out[l, j, c] = sum_t weights[j, t] * x[l, clamp(first[j] + t, 0, n_in - 1), c]``,
+    accumulated in float32 in a fixed order (independent of the thread count).
+
+    Args:
+        x: (lead, n_in, trail) C-contiguous native uint8, int8, uint16, int16, int32,
+            float32 or float64 array; integers are converted as they are read.
+        first: (n_out,) C-contiguous int64, first input sample of each output sample
+            (may lie outside [0, n_in): clamped, which repeats the edge samples).
+        weights: (n_out, taps) C-contiguous float32.
+
+    Returns:
+        (lead, n_out, trail) float32.
+
+    Raises:
+        TypeError: x has another element type.
+        ValueError: shapes or layouts are inconsistent, or n_in is 0.
+    """
