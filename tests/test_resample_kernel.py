@@ -8,7 +8,17 @@ import pytest
 import torch
 
 from fastlmk import _C, geometry
-from fastlmk.preprocess import _as_float32, _axes, _resample_axis_torch, resample_stage
+from fastlmk.preprocess import (
+    _as_float32,
+    _axes,
+    _Axis,
+    _axis,
+    _patches_torch,
+    _resample_axis_torch,
+    resample_stage,
+    stage_geometry,
+    stage_patches,
+)
 
 
 def _reference(x: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -103,3 +113,126 @@ def test_cpu_kernel_equals_torch_products(
     ref = _torch_products(x, geom, target)
     assert got.dtype == torch.float32 and got.shape == ref.shape
     assert float((got - ref).abs().max()) < 1e-5 * 250
+
+
+def _stage_rows_reference(axis: _Axis, q: np.ndarray) -> np.ndarray:
+    """Dense float64 rows ``(B, P, n_in)``: the stage grid (input smoothed by the axis'
+    kernel with edge samples repeated, sampled at ``j * ratio``) interpolated linearly at
+    ``q``, zero outside it; written from the definition, sample by sample."""
+    kernel = np.asarray(axis.kernel)
+    r = axis.radius
+    dense = np.zeros((*q.shape, axis.n_in))
+    for idx in np.ndindex(*q.shape):
+        j0 = int(np.floor(q[idx]))
+        for jj, c in ((j0, 1.0 - (q[idx] - j0)), (j0 + 1, q[idx] - j0)):
+            if not 0 <= jj <= axis.n_out - 1:
+                continue
+            pos = jj * axis.ratio
+            i = int(np.floor(pos))
+            frac = pos - i
+            for ii, cc in ((min(i, axis.n_in - 1), 1.0 - frac), (min(i + 1, axis.n_in - 1), frac)):
+                for t in range(-r, r + 1):
+                    dense[(*idx, int(np.clip(ii + t, 0, axis.n_in - 1)))] += c * cc * kernel[t + r]
+    return dense
+
+
+@pytest.mark.parametrize(
+    ("n_in", "s", "s_new"),
+    [(2400, 0.1, 0.25), (100, 1.0, 0.4), (50, 0.7, 4.0), (5, 1.0, 3.0), (80, 1.0, 1.0)],
+)
+def test_stage_rows_equal_the_definition(n_in: int, s: float, s_new: float) -> None:
+    axis = _axis(n_in, s, s_new)
+    rng = np.random.default_rng(n_in)
+    # Crop positions inside, across both ends and beyond the stage grid.
+    q = rng.uniform(-12, axis.n_out + 12, (6, 1)) + np.arange(20)
+    first, weights = _C.stage_rows_cpu(q, np.asarray(axis.kernel), axis.ratio, n_in, axis.n_out)
+    assert first.shape == q.shape and weights.shape[:2] == q.shape
+    dense = np.zeros((*q.shape, n_in))
+    cols = np.clip(first[..., None] + np.arange(weights.shape[-1]), 0, n_in - 1)
+    for idx in np.ndindex(*q.shape):
+        np.add.at(dense[idx], cols[idx], weights[idx])
+    np.testing.assert_allclose(dense, _stage_rows_reference(axis, q), atol=1e-6)
+
+
+def test_stage_rows_reject_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="odd length"):
+        _C.stage_rows_cpu(np.zeros((2, 3)), np.ones(2), 1.0, 10, 10)
+    with pytest.raises(ValueError, match="finite"):
+        _C.stage_rows_cpu(np.full((2, 3), np.nan), np.ones(1), 1.0, 10, 10)
+    with pytest.raises(ValueError, match=">= 1"):
+        _C.stage_rows_cpu(np.zeros((2, 3)), np.ones(1), 0.0, 10, 10)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(50, 61), (9, 20, 17)])
+def test_crops_equal_float64_reference(dtype: type, shape: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(shape))
+    x = rng.integers(0, 120, shape).astype(dtype)
+    k, firsts, weights, index = 5, [], [], []
+    for d, n in enumerate(shape):
+        p, taps = 7 + d, 4 + 2 * d
+        first = rng.integers(-taps - 2, n + 2, (k, p)).astype(np.int64)
+        firsts.append(first)
+        weights.append(rng.normal(0, 1, (k, p, taps)).astype(np.float32))
+        index.append(np.clip(first[..., None] + np.arange(taps), 0, n - 1))
+    got = _C.crop_cpu(x, firsts, weights)
+    xd = x.astype(np.float64)
+    if len(shape) == 2:
+        win = xd[index[0][:, :, :, None, None], index[1][:, None, None, :, :]]
+        ref = np.einsum("kpa,kqb,kpaqb->kpq", *[w.astype(np.float64) for w in weights], win)
+    else:
+        i0, i1, i2 = index
+        win = xd[
+            i0[:, :, :, None, None, None, None], i1[:, None, None, :, :, None, None],
+            i2[:, None, None, None, None, :, :],
+        ]
+        ref = np.einsum("kpa,kqb,krc,kpaqbrc->kpqr", *[w.astype(np.float64) for w in weights], win)
+    assert got.shape == (k, *[f.shape[1] for f in firsts])
+    assert np.abs(got - ref).max() < 1e-4 * np.abs(ref).max()
+
+
+def test_crops_reject_bad_arguments() -> None:
+    x = np.zeros((10, 12), np.float32)
+    f, w = np.zeros((2, 3), np.int64), np.ones((2, 3, 2), np.float32)
+    with pytest.raises(ValueError, match="2D"):
+        _C.crop_cpu(x[0], [f], [w])
+    with pytest.raises(ValueError, match="one array per image axis"):
+        _C.crop_cpu(x, [f], [w])
+    with pytest.raises(ValueError, match="same number of crops"):
+        _C.crop_cpu(x, [f, f[:1]], [w, w[:1]])
+    with pytest.raises(ValueError, match="taps >= 1"):
+        _C.crop_cpu(x, [f, f], [w, w[..., :0]])
+
+
+@pytest.mark.parametrize(
+    ("shape", "spacing", "target", "dtype"),
+    [
+        ((2400, 1935), (0.1, 0.1), (0.25, 0.25), torch.uint8),  # cephalogram crops
+        ((301, 250), (0.13, 0.1), (0.2, 0.1), torch.float32),
+        ((40, 130, 120), (0.7, 0.7, 1.0), (1.0, 1.0, 1.0), torch.int16),
+    ],
+)
+def test_cpu_crops_equal_torch_products(
+    shape: tuple[int, ...],
+    spacing: tuple[float, ...],
+    target: tuple[float, ...],
+    dtype: torch.dtype,
+) -> None:
+    gen = torch.Generator().manual_seed(4)
+    x = (torch.rand(shape, generator=gen, dtype=torch.float64) * 250).to(dtype)
+    dim = len(shape)
+    geom = geometry.Geometry(np.zeros(dim), np.array(spacing), np.eye(dim), shape[::-1])
+    n = np.array(stage_geometry(geom, target).size[::-1], dtype=float)
+    centres = torch.from_numpy(
+        np.concatenate([np.random.default_rng(5).uniform(0, n - 1, (6, dim)), [n + 2, -n / 3]])
+    )
+    crop = (16, 24, 20)[:dim]
+    value_range = torch.tensor([10.0, 200.0], dtype=torch.float64)
+    got = stage_patches(x, geom, target, centres, crop, value_range)
+    raw, sums = _patches_torch(x, _axes(geom, target), centres, crop)
+    mass = sums[0]
+    for d in range(1, dim):
+        mass = mass[..., None] * sums[d].reshape(len(centres), *[1] * d, -1)
+    ref = (raw - 10.0 * mass) / 190.0
+    assert got.shape == ref.shape
+    assert float((got - ref).abs().max()) < 1e-5

@@ -108,3 +108,57 @@ def resample_axis_cpu(
         TypeError: x has another element type.
         ValueError: shapes or layouts are inconsistent, or n_in is 0.
     """
+
+def stage_rows_cpu(
+    q: npt.NDArray[np.float64],
+    kernel: npt.NDArray[np.float64],
+    ratio: float,
+    n_in: int,
+    n_out: int,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]:
+    """One axis' linear map from input samples to a stage grid sampled at positions ``q``.
+
+    The stage grid is the input smoothed by ``kernel`` (edge samples repeated) and sampled
+    at ``j * ratio`` for ``j`` in ``[0, n_out)``; a position between stage samples
+    interpolates linearly, and the stage grid is zero outside ``[0, n_out - 1]``.
+
+    Args:
+        q: (*Q) finite float64 positions on the stage grid.
+        kernel: (odd,) float64 smoothing taps, centre tap in the middle.
+        ratio: Input samples per stage sample (positive).
+        n_in: Input samples on the axis.
+        n_out: Stage samples on the axis.
+
+    Returns:
+        ``(first (*Q) int64, weights (*Q, taps) float32)`` with ``taps = ceil(ratio) + 2 +
+        len(kernel) - 1``: value at ``q[i]`` = ``sum_t weights[i, t] * x[clamp(first[i] +
+        t, 0, n_in - 1)]``.
+
+    Raises:
+        ValueError: a non-finite position, an even kernel, or sizes/ratio out of range.
+    """
+
+def crop_cpu(
+    x: npt.NDArray[np.generic],
+    first: Sequence[npt.NDArray[np.int64]],
+    weights: Sequence[npt.NDArray[np.float32]],
+) -> npt.NDArray[np.float32]:
+    """Separable crops of a 2D (Y, X) or 3D (Z, Y, X) image, threads over crops.
+
+    Crop ``k`` is ``out[k, p0, p1(, p2)] = sum_t prod_d weights[d][k, p_d, t_d] *
+    x[clamp(first[0][k, p0] + t_0), clamp(first[1][k, p1] + t_1)(, ...)]``, every index
+    clamped to its axis. Each crop's input window is read once.
+
+    Args:
+        x: (Y, X) or (Z, Y, X) C-contiguous array of an element type that
+            :func:`resample_axis_cpu` accepts.
+        first: one (K, P_d) C-contiguous int64 array per image axis.
+        weights: one (K, P_d, taps_d) C-contiguous float32 array per image axis.
+
+    Returns:
+        (K, *P) float32.
+
+    Raises:
+        TypeError: x has another element type.
+        ValueError: shapes or layouts are inconsistent.
+    """

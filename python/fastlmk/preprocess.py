@@ -531,6 +531,38 @@ def stage_patches(
             f"stage_patches: centres {tuple(centres.shape)} must be (K, {dim}) and size "
             f"{tuple(size)} {dim} ints, for a {dim}D image"
         )
+    lo, hi = value_range.to(x.device, torch.float32)
+    if x.device.type == "cpu" and x.dtype in _KERNEL_DTYPES and not x.requires_grad:
+        # The compiled kernel: each crop's window read once, no dense (mostly zero) rows.
+        host = centres.detach().to(dtype=torch.float64).numpy()
+        firsts, weights = [], []
+        for d in range(dim):
+            offsets = np.arange(size[d], dtype=np.float64) - (size[d] - 1) / 2
+            a = axes[d]
+            first, w = _C.stage_rows_cpu(
+                host[:, d : d + 1] + offsets, np.asarray(a.kernel), a.ratio, a.n_in, a.n_out
+            )
+            firsts.append(first)
+            weights.append(w)
+        raw = torch.from_numpy(_C.crop_cpu(x.contiguous().numpy(), firsts, weights))
+        sums = [torch.from_numpy(w.sum(-1)) for w in weights]
+    else:
+        raw, sums = _patches_torch(x, axes, centres, size)
+    # Sampling weights sum to less than one where a patch leaves the stage image (zero
+    # padding there), so the offset of the normalisation scales with them.
+    k = centres.shape[0]
+    mass = sums[0]
+    for d in range(1, dim):
+        mass = mass[..., None] * sums[d].reshape(k, *[1] * d, -1)
+    return (raw - lo * mass) / (hi - lo)
+
+
+def _patches_torch(
+    x: torch.Tensor, axes: list[_Axis], centres: torch.Tensor, size: Sequence[int]
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Unnormalised patches by dense rows and products (any device), and each axis' row
+    sums ``(K, P_d)``."""
+    dim = len(axes)
     c = centres.to(device=x.device, dtype=torch.float64)
     rows, starts = [], []
     for d in range(dim):
@@ -553,10 +585,4 @@ def stage_patches(
         raw = torch.einsum("kpi,kijl->kpjl", rows[0], win)
         raw = torch.einsum("kqj,kpjl->kpql", rows[1], raw)
         raw = torch.einsum("ksl,kpql->kpqs", rows[2], raw)
-    # Sampling weights sum to less than one where a patch leaves the stage image (zero
-    # padding there), so the offset of the normalisation scales with them.
-    lo, hi = value_range.to(x.device, torch.float32)
-    mass = rows[0].sum(-1)
-    for d in range(1, dim):
-        mass = mass[..., None] * rows[d].sum(-1).reshape(k, *[1] * d, -1)
-    return (raw - lo * mass) / (hi - lo)
+    return raw, [r.sum(-1) for r in rows]
