@@ -557,14 +557,14 @@ def stage_patches(
             )
             firsts.append(first)
             weights.append(w)
-        raw = _C.crop_cpu(x.contiguous().numpy(), firsts, weights)
+        crops = _C.crop_cpu(x.contiguous().numpy(), firsts, weights)
         # Sampling weights sum to less than one where a patch leaves the stage image
         # (zero padding there), so the offset of the normalisation scales with them.
         lo, hi = (float(v) for v in value_range)
         mass = _outer_sums([w.sum(-1) for w in weights])
-        raw -= np.float32(lo) * mass
-        raw /= np.float32(hi) - np.float32(lo)
-        return torch.from_numpy(raw)  # numpy throughout: see _affine_cpu
+        crops -= np.float32(lo) * mass
+        crops /= np.float32(hi) - np.float32(lo)
+        return torch.from_numpy(crops)  # numpy throughout: see _affine_cpu
     raw, sums = _patches_torch(x, axes, centres, size)
     lo_t, hi_t = value_range.to(x.device, torch.float32)
     return (raw - lo_t * _outer_sums(sums)) / (hi_t - lo_t)
