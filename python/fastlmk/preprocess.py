@@ -11,14 +11,15 @@ Two implementations of the same resampling live here, on purpose:
 * :func:`stage_image` is the reference: :func:`fastlmk.geometry.resample_to_spacing`
   (SimpleITK recursive Gaussian + linear resampling of the whole image). Training uses it.
 * The inference path (:func:`resample_stage`, :func:`stage_patches`) computes the same
-  values with torch on the image's device. Per axis, "smooth with the recursive Gaussian,
-  then interpolate linearly at ``k * s' / s``" is one linear map whose rows are short
-  (the Gaussian's impulse response, measured once from SimpleITK itself, shifted to the
-  two interpolation neighbours). The global stage applies these rows along each axis with
-  small matrix products over windows of the input; the local stage builds, for every
-  crop pixel, the row that samples the *fine stage image* bilinearly (the crop of
-  :func:`fastlmk.sampling.sample_patches`) and evaluates only the crops, never the whole
-  fine image. Tests hold the two to the same values.
+  values on the image's device. Per axis, "smooth with the recursive Gaussian, then
+  interpolate linearly at ``k * s' / s``" is one linear map whose rows are short (the
+  Gaussian's impulse response, measured once from SimpleITK itself, shifted to the two
+  interpolation neighbours). The global stage applies these rows along each axis; the
+  local stage builds, for every crop pixel, the row that samples the *fine stage image*
+  bilinearly (the crop of :func:`fastlmk.sampling.sample_patches`) and evaluates only the
+  crops, never the whole fine image. On the CPU the rows run in the compiled kernels
+  (``fastlmk._C``: compact rows, integer images read directly); elsewhere as torch
+  products over windows of the input. Tests hold all of them to the same values.
 """
 
 from __future__ import annotations
