@@ -10,11 +10,12 @@ Cases (both in one run, every backend available here, ratios to the torch backen
   here (global 4 mm, local 1 mm crops of 32^3, 32 landmarks; random weights).
 
 Timed from the decoded array to landmarks in mm (``localize`` on a SimpleITK image),
-after warm-up; the backends take turns, one run each per repeat, so that a shared
-machine's drifts hit them alike; median, p90 and p99 of the repeats, the ratio of the
-medians to torch's and the paired ratio (median over repeats of torch's run time over
-the backend's run time in the same repeat); CUDA is synchronised inside every
-timed step. Each backend's landmarks are first checked against the torch backend's.
+after warm-up; the backends take turns, one run each per repeat in a shuffled order, so
+that a shared machine's drifts (and the run before) hit them alike; median, p90 and p99
+of the repeats, the ratio of the medians to torch's and the paired ratio (median over
+repeats of torch's run time over the backend's run time in the same repeat); CUDA is
+synchronised inside every timed step. Each backend's landmarks are first checked against
+the torch backend's.
 Also recorded: peak resident memory, the multiply-accumulates (MACs) of every
 convolution of each network at the benchmark's input size, the machine's measured
 float32 matrix-product peak and the fraction of it each network step achieves, and a
@@ -35,6 +36,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import random
 import resource
 import subprocess
 import sys
@@ -213,16 +215,20 @@ def ct_case() -> tuple[str, LandmarkModel, sitk.Image, dict[str, Any]]:
 def time_backends(model: LandmarkModel, image: sitk.Image, backends: list[str], warmup: int,
                   repeats: int) -> dict[str, tuple[dict[str, Any], np.ndarray]]:
     """Time every backend on the same image, interleaved: each repeat runs every backend
-    once in turn, so drifts of a shared machine's speed hit all backends alike; the
-    paired ratio to torch is the median over repeats of the two runs' ratio."""
+    once, in an order shuffled per repeat (fixed seed), so drifts of a shared machine's
+    speed hit all backends alike, and so does the run before (torch's OpenMP workers
+    spin for a while after its last parallel op and slow whatever runs next: a fixed
+    order would always charge that to the same backend); the paired ratio to torch is
+    the median over repeats of the two runs' ratio."""
     points: dict[str, np.ndarray] = {}
     for backend in backends:
         for _ in range(warmup):
             points[backend] = _localize(image, model, backend=backend).points_mm
     per_step: dict[str, dict[str, list[float]]] = {b: {s: [] for s in STEPS} for b in backends}
     total: dict[str, list[float]] = {b: [] for b in backends}
+    order = random.Random(0)
     for _ in range(repeats):
-        for backend in backends:
+        for backend in order.sample(backends, len(backends)):
             steps = per_step[backend]
             sync()
             last = start = time.perf_counter()
