@@ -89,10 +89,10 @@ py::array_t<float> crop_py(const py::array& x, const std::vector<py::array_t<int
     const auto& w = weights[static_cast<size_t>(d)];
     if (f.ndim() != 2 || !(f.flags() & py::array::c_style) || w.ndim() != 3 ||
         !(w.flags() & py::array::c_style) || w.shape(0) != f.shape(0) ||
-        w.shape(1) != f.shape(1) || w.shape(2) < 1) {
+        w.shape(1) != f.shape(1) || w.shape(2) < 1 || f.shape(1) < 1) {
       throw py::value_error("axis " + std::to_string(d) +
                             ": first must be C-contiguous (K, P) int64 and weights "
-                            "C-contiguous (K, P, taps) float32 with taps >= 1");
+                            "C-contiguous (K, P, taps) float32 with P >= 1 and taps >= 1");
     }
     if (num_crops >= 0 && f.shape(0) != num_crops) {
       throw py::value_error("every axis needs the same number of crops");

@@ -202,6 +202,8 @@ def test_crops_reject_bad_arguments() -> None:
         _C.crop_cpu(x, [f, f[:1]], [w, w[:1]])
     with pytest.raises(ValueError, match="taps >= 1"):
         _C.crop_cpu(x, [f, f], [w, w[..., :0]])
+    with pytest.raises(ValueError, match="P >= 1"):
+        _C.crop_cpu(x, [f, f[:, :0]], [w, w[:, :0]])
 
 
 @pytest.mark.parametrize(
