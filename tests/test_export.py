@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,14 @@ def test_cli_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert "global.onnx" in out and "local.onnx" in out and "max |onnx - torch|" in out
     assert (directory / "global.onnx").is_file()
+
+
+def test_max_abs_difference_never_hides_broken_outputs() -> None:
+    from fastlmk.export import max_abs_difference
+
+    a = np.array([1.0, -np.inf, 3.0], np.float32)
+    assert max_abs_difference(a, np.array([1.5, -np.inf, 3.0])) == 0.5  # equal infinities
+    assert max_abs_difference(a, np.array([1.0, np.nan, 3.0])) == np.inf
+    assert max_abs_difference(a, np.array([1.0, 0.0, 3.0])) == np.inf
+    assert max_abs_difference(a, np.array([1.0, np.inf, 3.0])) == np.inf
+    assert max_abs_difference(a[:0], a[:0]) == 0.0

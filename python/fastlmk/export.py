@@ -39,6 +39,7 @@ __all__ = [
     "cache_dir",
     "check_onnx",
     "export_onnx",
+    "max_abs_difference",
     "model_hash",
     "onnx_file",
     "onnx_files",
@@ -181,6 +182,16 @@ def _write_atomically(net: torch.nn.Module, example: torch.Tensor, path: Path) -
         raise ExportError(f"ONNX export of {path.name} failed: {exc}") from exc
 
 
+def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest ``|a - b|`` in float64; equal infinities (an ensemble's ``-inf`` logits
+    where a member has no cell) count as equal, and a NaN or an unmatched infinity as
+    ``inf``, so that a broken output can never look like a match."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        diff = np.where(a64 == b64, 0.0, np.abs(a64 - b64))
+    return float(np.where(np.isnan(diff), np.inf, diff).max(initial=0.0))
+
+
 def check_onnx(path: Path, net: torch.nn.Module, shapes: list[tuple[int, ...]]) -> float:
     """Largest absolute output difference of ONNX Runtime (CPU) running ``path`` from the
     float32 torch ``net``, on seeded uniform [0, 1] input of each shape ``(B, C, *S)``."""
@@ -196,7 +207,7 @@ def check_onnx(path: Path, net: torch.nn.Module, shapes: list[tuple[int, ...]]) 
             ref = net.float()(x)
         got = session.run(None, {_INPUT: x.numpy().astype(dtype)})
         for a, b in zip(got, ref, strict=True):
-            worst = max(worst, float(np.abs(a.astype(np.float64) - b.double().numpy()).max()))
+            worst = max(worst, max_abs_difference(a, b.double().numpy()))
     return worst
 
 

@@ -32,7 +32,13 @@ import numpy as np
 import torch
 
 from .errors import FastlmkError
-from .export import ExportError, _example_shapes, _write_atomically, onnx_files
+from .export import (
+    ExportError,
+    _example_shapes,
+    _write_atomically,
+    max_abs_difference,
+    onnx_files,
+)
 from .networks import ungrouped
 
 if TYPE_CHECKING:
@@ -154,7 +160,7 @@ def _max_diff(reference: Path, quantized: Path, arrays: list[np.ndarray]) -> flo
     worst = 0.0
     for x in arrays:
         for a, b in zip(ref.run(None, {"image": x}), q.run(None, {"image": x}), strict=True):
-            worst = max(worst, float(np.abs(a.astype(np.float64) - b).max()))
+            worst = max(worst, max_abs_difference(a, b))
     return worst
 
 
