@@ -1,9 +1,10 @@
-// fastlmk._C.resample_axis_cpu: argument checks and the pybind11 binding of the
-// separable resampling kernel (csrc/cpu/resample_cpu.cpp).
+// fastlmk._C.resample_axis_cpu, stage_rows_cpu and crop_cpu: argument checks and the
+// pybind11 bindings of the CPU preprocessing kernels (csrc/cpu/resample_cpu.cpp).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
