@@ -31,8 +31,13 @@ ElementType element_type(const py::array& x) {
       std::string(py::str(dt)));
 }
 
+void check_threads(int threads) {
+  if (threads < 0) throw py::value_error("threads must be >= 0 (0: one per hardware thread)");
+}
+
 py::array_t<float> resample_axis_py(const py::array& x, const py::array_t<int64_t>& first,
-                                    const py::array_t<float>& weights) {
+                                    const py::array_t<float>& weights, int threads) {
+  check_threads(threads);
   if (x.ndim() != 3) {
     throw py::value_error("x must have shape (lead, n_in, trail), got " +
                           std::to_string(x.ndim()) + " axes");
@@ -64,13 +69,14 @@ py::array_t<float> resample_axis_py(const py::array& x, const py::array_t<int64_
   const void* src = x.data();
   {
     py::gil_scoped_release release;
-    resample_axis_cpu(m, src, type, dst);
+    resample_axis_cpu(m, src, type, dst, threads);
   }
   return out;
 }
 
 py::array_t<float> crop_py(const py::array& x, const std::vector<py::array_t<int64_t>>& first,
-                           const std::vector<py::array_t<float>>& weights) {
+                           const std::vector<py::array_t<float>>& weights, int threads) {
+  check_threads(threads);
   const int dims = static_cast<int>(x.ndim());
   if (dims != 2 && dims != 3) {
     throw py::value_error("x must be a 2D (Y, X) or 3D (Z, Y, X) image, got " +
@@ -121,7 +127,7 @@ py::array_t<float> crop_py(const py::array& x, const std::vector<py::array_t<int
   const void* src = x.data();
   {
     py::gil_scoped_release release;
-    crop_cpu(m, src, type, dst);
+    crop_cpu(m, src, type, dst, threads);
   }
   return out;
 }
@@ -164,7 +170,7 @@ py::tuple stage_rows_py(const py::array_t<double, py::array::c_style | py::array
 
 void bind_resample(py::module_& m) {
   m.def("resample_axis_cpu", &resample_axis_py, py::arg("x"), py::arg("first"),
-        py::arg("weights"),
+        py::arg("weights"), py::kw_only(), py::arg("threads") = 0,
         "Resample axis 1 of a (lead, n_in, trail) array: out[l, j, c] = sum_t weights[j, t] "
         "* x[l, clamp(first[j] + t, 0, n_in - 1), c]; float32 (lead, n_out, trail).");
   m.def("stage_rows_cpu", &stage_rows_py, py::arg("q"), py::arg("kernel"), py::arg("ratio"),
@@ -172,6 +178,7 @@ void bind_resample(py::module_& m) {
         "Compact rows (first int64 (*q.shape), weights float32 (*q.shape, taps)) sampling "
         "a stage grid (input smoothed by kernel, sampled at j * ratio) at positions q.");
   m.def("crop_cpu", &crop_py, py::arg("x"), py::arg("first"), py::arg("weights"),
+        py::kw_only(), py::arg("threads") = 0,
         "Separable crops of a 2D/3D image: per axis d, first[d] (K, P_d) int64 and "
         "weights[d] (K, P_d, taps_d) float32; float32 (K, *P).");
 }

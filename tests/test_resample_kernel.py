@@ -37,7 +37,8 @@ def _reference(x: np.ndarray, first: np.ndarray, weights: np.ndarray) -> np.ndar
         (3, 40, 5, 40, 3),  # inner axis, narrow rows
         (70, 53, 1, 11, 17),  # last axis, rows not a multiple of the strip width
         (1, 5, 1, 7, 12),  # more taps than samples: every tap clamped
-        (2, 300, 33, 41, 31),  # enough work for several threads
+        (2, 300, 33, 41, 31),
+        (1, 2400, 130, 300, 77),  # enough work for three threads (3M multiply-adds)
     ],
 )
 def test_kernel_equals_float64_reference(
@@ -56,6 +57,9 @@ def test_kernel_equals_float64_reference(
     weights[:, -1] = 0.0  # padded taps
     got = _C.resample_axis_cpu(x, first, weights)
     ref = _reference(x, first, weights)
+    # Fixed accumulation order: the thread count does not change a bit of the result.
+    for threads in (1, 3):
+        assert np.array_equal(_C.resample_axis_cpu(x, first, weights, threads=threads), got)
     assert got.dtype == np.float32 and got.shape == (lead, n_out, trail)
     # float32 accumulation: relative to the sum of the magnitudes of the products.
     scale = _reference(np.abs(x.astype(np.float64)), first, np.abs(weights)) + 1e-30
@@ -76,6 +80,8 @@ def test_kernel_rejects_bad_arguments() -> None:
         _C.resample_axis_cpu(x, first, w[:3])
     with pytest.raises(ValueError, match="empty"):
         _C.resample_axis_cpu(np.zeros((2, 0, 3), np.float32), first, w)
+    with pytest.raises(ValueError, match="threads"):
+        _C.resample_axis_cpu(x, first, w, threads=-1)
 
 
 def _torch_products(
@@ -176,6 +182,8 @@ def test_crops_equal_float64_reference(dtype: type, shape: tuple[int, ...]) -> N
         weights.append(rng.normal(0, 1, (k, p, taps)).astype(np.float32))
         index.append(np.clip(first[..., None] + np.arange(taps), 0, n - 1))
     got = _C.crop_cpu(x, firsts, weights)
+    for threads in (1, 3):
+        assert np.array_equal(_C.crop_cpu(x, firsts, weights, threads=threads), got)
     xd = x.astype(np.float64)
     if len(shape) == 2:
         win = xd[index[0][:, :, :, None, None], index[1][:, None, None, :, :]]
@@ -204,6 +212,8 @@ def test_crops_reject_bad_arguments() -> None:
         _C.crop_cpu(x, [f, f], [w, w[..., :0]])
     with pytest.raises(ValueError, match="P >= 1"):
         _C.crop_cpu(x, [f, f[:, :0]], [w, w[:, :0]])
+    with pytest.raises(ValueError, match="threads"):
+        _C.crop_cpu(x, [f, f], [w, w], threads=-1)
 
 
 @pytest.mark.parametrize(
@@ -238,3 +248,15 @@ def test_cpu_crops_equal_torch_products(
     ref = (raw - 10.0 * mass) / 190.0
     assert got.shape == ref.shape
     assert float((got - ref).abs().max()) < 1e-5
+
+
+def test_crops_do_not_depend_on_the_thread_count() -> None:
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 255, (400, 420)).astype(np.uint8)
+    k, p, taps = 16, 64, 27  # ~4M multiply-adds: several threads
+    firsts = [rng.integers(-20, n - 60, (k, 1)) + 2 * np.arange(p) for n in x.shape]
+    weights = [rng.normal(0, 1, (k, p, taps)).astype(np.float32) for _ in x.shape]
+    firsts = [f.astype(np.int64) for f in firsts]
+    one = _C.crop_cpu(x, firsts, weights, threads=1)
+    for threads in (0, 2, 3):
+        assert np.array_equal(_C.crop_cpu(x, firsts, weights, threads=threads), one)

@@ -117,7 +117,7 @@ FASTLMK_VECTOR_CLONES void axis_tasks(const AxisMap& m, const T* x, float* out, 
 // Runs fn(task, scratch) for every task on a pool of std::threads; each worker has its
 // own scratch buffer of `scratch` floats.
 template <typename Fn>
-void run_tasks(int64_t num_tasks, int64_t macs, int64_t scratch, Fn&& fn) {
+void run_tasks(int64_t num_tasks, int64_t macs, int64_t scratch, int threads, Fn&& fn) {
   std::atomic<int64_t> next{0};
   auto worker = [&]() {
     std::vector<float> buffer(static_cast<size_t>(std::max<int64_t>(scratch, 1)));
@@ -125,9 +125,10 @@ void run_tasks(int64_t num_tasks, int64_t macs, int64_t scratch, Fn&& fn) {
       fn(t, buffer.data());
     }
   };
-  const int64_t hardware = std::max(1u, std::thread::hardware_concurrency());
+  const int64_t limit =
+      threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
   const int64_t wanted =
-      std::min({hardware, num_tasks, std::max<int64_t>(1, macs / kMinMacsPerThread)});
+      std::min({limit, num_tasks, std::max<int64_t>(1, macs / kMinMacsPerThread)});
   std::vector<std::thread> helpers;
   try {
     for (int64_t t = 1; t < wanted; ++t) helpers.emplace_back(worker);
@@ -139,8 +140,8 @@ void run_tasks(int64_t num_tasks, int64_t macs, int64_t scratch, Fn&& fn) {
 }
 
 template <typename T>
-void run_axis(const AxisMap& m, const T* x, float* out) {
-  run_tasks(strip_tasks(m), m.lead * m.n_out * m.trail * m.taps, m.n_in * kStrip,
+void run_axis(const AxisMap& m, const T* x, float* out, int threads) {
+  run_tasks(strip_tasks(m), m.lead * m.n_out * m.trail * m.taps, m.n_in * kStrip, threads,
             [&](int64_t t, float* strip) { axis_tasks(m, x, out, t, t + 1, strip); });
 }
 
@@ -217,7 +218,7 @@ FASTLMK_VECTOR_CLONES void crop_task(const CropMap& m, const T* x, float* out, i
 }
 
 template <typename T>
-void run_crops(const CropMap& m, const T* x, float* out) {
+void run_crops(const CropMap& m, const T* x, float* out, int threads) {
   int64_t scratch = 0, macs = 0;
   for (int64_t k = 0; k < m.num_crops; ++k) {
     int64_t lo[3], hi[3], w[3];
@@ -232,21 +233,22 @@ void run_crops(const CropMap& m, const T* x, float* out) {
     macs += p[0] * m.taps[0] * w[1] * w[2] + p[0] * p[1] * m.taps[1] * w[2] +
             p[0] * p[1] * p[2] * m.taps[2];
   }
-  run_tasks(m.num_crops, macs, scratch,
+  run_tasks(m.num_crops, macs, scratch, threads,
             [&](int64_t k, float* buffer) { crop_task(m, x, out, k, buffer); });
 }
 
 }  // namespace
 
-void resample_axis_cpu(const AxisMap& map, const void* x, ElementType type, float* out) {
+void resample_axis_cpu(const AxisMap& map, const void* x, ElementType type, float* out,
+                       int threads) {
   switch (type) {
-    case ElementType::kUInt8: return run_axis(map, static_cast<const uint8_t*>(x), out);
-    case ElementType::kInt8: return run_axis(map, static_cast<const int8_t*>(x), out);
-    case ElementType::kUInt16: return run_axis(map, static_cast<const uint16_t*>(x), out);
-    case ElementType::kInt16: return run_axis(map, static_cast<const int16_t*>(x), out);
-    case ElementType::kInt32: return run_axis(map, static_cast<const int32_t*>(x), out);
-    case ElementType::kFloat32: return run_axis(map, static_cast<const float*>(x), out);
-    case ElementType::kFloat64: return run_axis(map, static_cast<const double*>(x), out);
+    case ElementType::kUInt8: return run_axis(map, static_cast<const uint8_t*>(x), out, threads);
+    case ElementType::kInt8: return run_axis(map, static_cast<const int8_t*>(x), out, threads);
+    case ElementType::kUInt16: return run_axis(map, static_cast<const uint16_t*>(x), out, threads);
+    case ElementType::kInt16: return run_axis(map, static_cast<const int16_t*>(x), out, threads);
+    case ElementType::kInt32: return run_axis(map, static_cast<const int32_t*>(x), out, threads);
+    case ElementType::kFloat32: return run_axis(map, static_cast<const float*>(x), out, threads);
+    case ElementType::kFloat64: return run_axis(map, static_cast<const double*>(x), out, threads);
   }
 }
 
@@ -289,15 +291,15 @@ void stage_rows_cpu(const StageRows& r, const double* q, int64_t n, int64_t* fir
   }
 }
 
-void crop_cpu(const CropMap& map, const void* x, ElementType type, float* out) {
+void crop_cpu(const CropMap& map, const void* x, ElementType type, float* out, int threads) {
   switch (type) {
-    case ElementType::kUInt8: return run_crops(map, static_cast<const uint8_t*>(x), out);
-    case ElementType::kInt8: return run_crops(map, static_cast<const int8_t*>(x), out);
-    case ElementType::kUInt16: return run_crops(map, static_cast<const uint16_t*>(x), out);
-    case ElementType::kInt16: return run_crops(map, static_cast<const int16_t*>(x), out);
-    case ElementType::kInt32: return run_crops(map, static_cast<const int32_t*>(x), out);
-    case ElementType::kFloat32: return run_crops(map, static_cast<const float*>(x), out);
-    case ElementType::kFloat64: return run_crops(map, static_cast<const double*>(x), out);
+    case ElementType::kUInt8: return run_crops(map, static_cast<const uint8_t*>(x), out, threads);
+    case ElementType::kInt8: return run_crops(map, static_cast<const int8_t*>(x), out, threads);
+    case ElementType::kUInt16: return run_crops(map, static_cast<const uint16_t*>(x), out, threads);
+    case ElementType::kInt16: return run_crops(map, static_cast<const int16_t*>(x), out, threads);
+    case ElementType::kInt32: return run_crops(map, static_cast<const int32_t*>(x), out, threads);
+    case ElementType::kFloat32: return run_crops(map, static_cast<const float*>(x), out, threads);
+    case ElementType::kFloat64: return run_crops(map, static_cast<const double*>(x), out, threads);
   }
 }
 

@@ -52,12 +52,16 @@ struct StageRows {
 void stage_rows_cpu(const StageRows& rows, const double* q, int64_t n, int64_t* first,
                     float* weights);
 
+// Both kernels below run on at most `threads` threads (the calling one included; 0: one
+// per hardware thread), fewer when the work is small.
+
 // Writes the (K, P0, P1, P2) float32 crops into `out` (C-contiguous); threads over crops.
-void crop_cpu(const CropMap& map, const void* x, ElementType type, float* out);
+void crop_cpu(const CropMap& map, const void* x, ElementType type, float* out, int threads);
 
 // Writes the (lead, n_out, trail) float32 result into `out` (C-contiguous). Accumulates
 // in float32, in a fixed order per output sample, so the result does not depend on the
 // number of threads. Runs on a pool of std::threads.
-void resample_axis_cpu(const AxisMap& map, const void* x, ElementType type, float* out);
+void resample_axis_cpu(const AxisMap& map, const void* x, ElementType type, float* out,
+                       int threads);
 
 }  // namespace fastlmk

@@ -87,9 +87,11 @@ def resample_axis_cpu(
     x: npt.NDArray[np.generic],
     first: npt.NDArray[np.int64],
     weights: npt.NDArray[np.float32],
+    *,
+    threads: int = 0,
 ) -> npt.NDArray[np.float32]:
     """Resample axis 1 of ``x`` by a short linear map per output sample, with the GIL
-    released, on a pool of threads.
+    released, on at most ``threads`` threads (0: one per hardware thread).
 
     ``out[l, j, c] = sum_t weights[j, t] * x[l, clamp(first[j] + t, 0, n_in - 1), c]``,
     accumulated in float32 in a fixed order (independent of the thread count).
@@ -106,7 +108,7 @@ def resample_axis_cpu(
 
     Raises:
         TypeError: x has another element type.
-        ValueError: shapes or layouts are inconsistent, or n_in is 0.
+        ValueError: shapes or layouts are inconsistent, n_in is 0 or threads < 0.
     """
 
 def stage_rows_cpu(
@@ -142,8 +144,11 @@ def crop_cpu(
     x: npt.NDArray[np.generic],
     first: Sequence[npt.NDArray[np.int64]],
     weights: Sequence[npt.NDArray[np.float32]],
+    *,
+    threads: int = 0,
 ) -> npt.NDArray[np.float32]:
-    """Separable crops of a 2D (Y, X) or 3D (Z, Y, X) image, threads over crops.
+    """Separable crops of a 2D (Y, X) or 3D (Z, Y, X) image, on at most ``threads``
+    threads over the crops (0: one per hardware thread).
 
     Crop ``k`` is ``out[k, p0, p1(, p2)] = sum_t prod_d weights[d][k, p_d, t_d] *
     x[clamp(first[0][k, p0] + t_0), clamp(first[1][k, p1] + t_1)(, ...)]``, every index
@@ -160,5 +165,5 @@ def crop_cpu(
 
     Raises:
         TypeError: x has another element type.
-        ValueError: shapes or layouts are inconsistent.
+        ValueError: shapes or layouts are inconsistent, or threads < 0.
     """

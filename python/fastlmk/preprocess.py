@@ -333,6 +333,12 @@ _KERNEL_DTYPES = frozenset(
 )
 
 
+def _threads() -> int:
+    """Threads for the compiled kernels: torch's intra-op setting, so that
+    ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` limit fastlmk's CPU work too."""
+    return max(1, torch.get_num_threads())
+
+
 def _resample_axis_cpu(x: torch.Tensor, dim: int, axis: _Axis) -> torch.Tensor:
     """:func:`_resample_axis_torch` by the compiled kernel (CPU tensors of
     ``_KERNEL_DTYPES``): one pass over the input, integers converted as they are read,
@@ -340,7 +346,7 @@ def _resample_axis_cpu(x: torch.Tensor, dim: int, axis: _Axis) -> torch.Tensor:
     first, weights = _axis_map(axis)
     lead, trail = math.prod(x.shape[:dim]), math.prod(x.shape[dim + 1 :])
     flat = x.detach().contiguous().reshape(lead, axis.n_in, trail).numpy()
-    out = torch.from_numpy(_C.resample_axis_cpu(flat, first, weights))
+    out = torch.from_numpy(_C.resample_axis_cpu(flat, first, weights, threads=_threads()))
     return out.reshape(*x.shape[:dim], axis.n_out, *x.shape[dim + 1 :])
 
 
@@ -558,7 +564,7 @@ def stage_patches(
             )
             firsts.append(first)
             weights.append(w)
-        crops = _C.crop_cpu(x.contiguous().numpy(), firsts, weights)
+        crops = _C.crop_cpu(x.contiguous().numpy(), firsts, weights, threads=_threads())
         # Sampling weights sum to less than one where a patch leaves the stage image
         # (zero padding there), so the offset of the normalisation scales with them.
         lo, hi = (float(v) for v in value_range)
