@@ -132,9 +132,10 @@ py::array_t<float> crop_py(const py::array& x, const std::vector<py::array_t<int
   return out;
 }
 
-py::tuple stage_rows_py(const py::array_t<double, py::array::c_style | py::array::forcecast>& q,
-                        const py::array_t<double, py::array::c_style | py::array::forcecast>& kernel,
-                        double ratio, int64_t n_in, int64_t n_out) {
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+py::tuple stage_rows_py(const DoubleArray& q, const DoubleArray& kernel, double ratio,
+                        int64_t n_in, int64_t n_out) {
   if (kernel.ndim() != 1 || kernel.shape(0) % 2 != 1) {
     throw py::value_error("kernel must be a 1D array of odd length");
   }

@@ -1,11 +1,11 @@
 #include "resample_cpu.h"
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 // The portable build targets baseline x86-64 (SSE2); with GCC the hot loops also get an
@@ -125,18 +125,7 @@ void run_tasks(int64_t num_tasks, int64_t macs, int64_t scratch, int threads, Fn
       fn(t, buffer.data());
     }
   };
-  const int64_t limit =
-      threads > 0 ? threads : std::max(1u, std::thread::hardware_concurrency());
-  const int64_t wanted =
-      std::min({limit, num_tasks, std::max<int64_t>(1, macs / kMinMacsPerThread)});
-  std::vector<std::thread> helpers;
-  try {
-    for (int64_t t = 1; t < wanted; ++t) helpers.emplace_back(worker);
-  } catch (const std::system_error&) {
-    // Fewer threads than wanted: the calling thread still finishes all tasks.
-  }
-  worker();
-  for (auto& h : helpers) h.join();
+  run_on_threads(thread_count(threads, num_tasks, macs, kMinMacsPerThread), worker);
 }
 
 template <typename T>
@@ -237,19 +226,25 @@ void run_crops(const CropMap& m, const T* x, float* out, int threads) {
             [&](int64_t k, float* buffer) { crop_task(m, x, out, k, buffer); });
 }
 
+// fn(x as a pointer to its element type).
+template <typename Fn>
+void with_element_type(ElementType type, const void* x, Fn&& fn) {
+  switch (type) {
+    case ElementType::kUInt8: return fn(static_cast<const uint8_t*>(x));
+    case ElementType::kInt8: return fn(static_cast<const int8_t*>(x));
+    case ElementType::kUInt16: return fn(static_cast<const uint16_t*>(x));
+    case ElementType::kInt16: return fn(static_cast<const int16_t*>(x));
+    case ElementType::kInt32: return fn(static_cast<const int32_t*>(x));
+    case ElementType::kFloat32: return fn(static_cast<const float*>(x));
+    case ElementType::kFloat64: return fn(static_cast<const double*>(x));
+  }
+}
+
 }  // namespace
 
 void resample_axis_cpu(const AxisMap& map, const void* x, ElementType type, float* out,
                        int threads) {
-  switch (type) {
-    case ElementType::kUInt8: return run_axis(map, static_cast<const uint8_t*>(x), out, threads);
-    case ElementType::kInt8: return run_axis(map, static_cast<const int8_t*>(x), out, threads);
-    case ElementType::kUInt16: return run_axis(map, static_cast<const uint16_t*>(x), out, threads);
-    case ElementType::kInt16: return run_axis(map, static_cast<const int16_t*>(x), out, threads);
-    case ElementType::kInt32: return run_axis(map, static_cast<const int32_t*>(x), out, threads);
-    case ElementType::kFloat32: return run_axis(map, static_cast<const float*>(x), out, threads);
-    case ElementType::kFloat64: return run_axis(map, static_cast<const double*>(x), out, threads);
-  }
+  with_element_type(type, x, [&](const auto* p) { run_axis(map, p, out, threads); });
 }
 
 int64_t StageRows::taps() const {
@@ -271,7 +266,8 @@ void stage_rows_cpu(const StageRows& r, const double* q, int64_t n, int64_t* fir
     for (int s = 0; s < 2; ++s) {
       const double jj = j0 + s;
       const double c = (s == 0 ? 1.0 - g : g) * ((jj >= 0 && jj <= r.n_out - 1) ? 1.0 : 0.0);
-      const double pos = std::min(std::max(jj, 0.0), static_cast<double>(r.n_out - 1)) * r.ratio;
+      const double pos =
+          std::min(std::max(jj, 0.0), static_cast<double>(r.n_out - 1)) * r.ratio;
       const double fl = std::floor(pos);
       const double frac = pos - fl;
       const int64_t lo = clamp_index(static_cast<int64_t>(fl), r.n_in);
@@ -284,23 +280,19 @@ void stage_rows_cpu(const StageRows& r, const double* q, int64_t n, int64_t* fir
     std::fill(row.begin(), row.end(), 0.0);
     for (int c = 0; c < 4; ++c) {
       const int64_t off = ii[c] - radius - f;
-      for (int64_t t = 0; t < r.kernel_len; ++t) row[static_cast<size_t>(off + t)] += w[c] * r.kernel[t];
+      for (int64_t t = 0; t < r.kernel_len; ++t) {
+        row[static_cast<size_t>(off + t)] += w[c] * r.kernel[t];
+      }
     }
     first[i] = f;
-    for (int64_t t = 0; t < taps; ++t) weights[i * taps + t] = static_cast<float>(row[static_cast<size_t>(t)]);
+    for (int64_t t = 0; t < taps; ++t) {
+      weights[i * taps + t] = static_cast<float>(row[static_cast<size_t>(t)]);
+    }
   }
 }
 
 void crop_cpu(const CropMap& map, const void* x, ElementType type, float* out, int threads) {
-  switch (type) {
-    case ElementType::kUInt8: return run_crops(map, static_cast<const uint8_t*>(x), out, threads);
-    case ElementType::kInt8: return run_crops(map, static_cast<const int8_t*>(x), out, threads);
-    case ElementType::kUInt16: return run_crops(map, static_cast<const uint16_t*>(x), out, threads);
-    case ElementType::kInt16: return run_crops(map, static_cast<const int16_t*>(x), out, threads);
-    case ElementType::kInt32: return run_crops(map, static_cast<const int32_t*>(x), out, threads);
-    case ElementType::kFloat32: return run_crops(map, static_cast<const float*>(x), out, threads);
-    case ElementType::kFloat64: return run_crops(map, static_cast<const double*>(x), out, threads);
-  }
+  with_element_type(type, x, [&](const auto* p) { run_crops(map, p, out, threads); });
 }
 
 }  // namespace fastlmk

@@ -1,11 +1,11 @@
 #include "vote_cpu.h"
 
+#include "parallel.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <limits>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 namespace fastlmk {
@@ -170,17 +170,7 @@ void vote_cpu(const VoteProblem& problem, const float* prob, const float* disp, 
     }
   };
 
-  const int64_t hardware = std::max(1u, std::thread::hardware_concurrency());
-  const int64_t wanted = std::min({hardware, num_tasks,
-                                   std::max<int64_t>(1, num_landmarks * cells / kMinCellsPerThread)});
-  std::vector<std::thread> helpers;
-  try {
-    for (int64_t t = 1; t < wanted; ++t) helpers.emplace_back(worker);
-  } catch (const std::system_error&) {
-    // Fewer threads than wanted: the calling thread still finishes all tasks.
-  }
-  worker();
-  for (auto& h : helpers) h.join();
+  run_on_threads(thread_count(0, num_tasks, num_landmarks * cells, kMinCellsPerThread), worker);
 
   const double nan = std::numeric_limits<double>::quiet_NaN();
   for (int64_t l = 0; l < num_landmarks; ++l) {

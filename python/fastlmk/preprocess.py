@@ -309,22 +309,16 @@ def _axis_plan(axis: _Axis, device: torch.device) -> tuple[list[int], torch.Tens
 
 @functools.lru_cache(maxsize=32)
 def _axis_map(axis: _Axis) -> tuple[np.ndarray, np.ndarray]:
-    """The axis' linear map in the compiled kernel's form: for every output sample ``j``,
-    its first input sample ``first[j]`` (int64, may lie outside the axis: clamped there)
-    and its ``(n_out, taps)`` float32 weights (the nonzero span of its row, zero-padded
-    to the longest span). Computed once per axis geometry."""
-    q = torch.arange(axis.n_out, dtype=torch.float64)[:, None]
-    start, rows = _axis_rows(axis, q)
-    dense = rows[:, 0].numpy()  # (n_out, W)
-    nonzero = dense != 0
-    width = dense.shape[1]
-    lo = np.where(nonzero.any(1), nonzero.argmax(1), 0)
-    hi = np.where(nonzero.any(1), width - 1 - nonzero[:, ::-1].argmax(1), 0)
-    taps = int((hi - lo).max()) + 1
-    padded = np.concatenate([dense, np.zeros((axis.n_out, taps), np.float32)], axis=1)
-    weights = np.take_along_axis(padded, lo[:, None] + np.arange(taps), axis=1)
-    first = start.numpy().astype(np.int64) + lo
-    return np.ascontiguousarray(first), np.ascontiguousarray(weights, dtype=np.float32)
+    """The whole axis' map in the compiled kernel's form, ``(first (n_out,) int64,
+    weights (n_out, taps) float32)``: the stage grid sampled at its own samples.
+    Computed once per axis geometry."""
+    q = np.arange(axis.n_out, dtype=np.float64)
+    kernel = np.asarray(axis.kernel)
+    first, weights = _C.stage_rows_cpu(q, kernel, axis.ratio, axis.n_in, axis.n_out)
+    # At whole samples the second interpolation neighbour has weight 0: the columns it
+    # would fill are zero in every row, and the kernel need not multiply them.
+    used = int(np.flatnonzero(weights.any(axis=0)).max(initial=0)) + 1
+    return first, np.ascontiguousarray(weights[:, :used])
 
 
 # Element types the compiled CPU kernel reads without a float32 copy of the image first.
