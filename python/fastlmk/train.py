@@ -36,6 +36,9 @@
     checkpoint_every = 200
     seed = 0
     threads = 0                         # 0: torch's default
+    precision = "float32"               # or "bfloat16": convolutions in bfloat16 under
+                                        # autocast (weights, optimiser and loss in float32)
+    channels_last = true                # channels-last weights and activations
     global_from = "runs/other-model"    # optional: reuse (and freeze) this model's global
                                         # network; only the local networks are trained
 
@@ -80,7 +83,14 @@ from .preprocess import orient, stage_image
 from .sampling import sample_patches, source_to_patch
 from .targets import LossWeights, landmark_loss
 
-__all__ = ["TrainConfigError", "load_training_config", "train"]
+__all__ = ["TrainConfigError", "load_training_config", "network_loss", "train"]
+
+
+# [train] precision -> autocast dtype of the network forward passes (None: plain float32).
+_AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
+    "float32": None,
+    "bfloat16": torch.bfloat16,
+}
 
 
 class TrainConfigError(FastlmkError, ValueError):
@@ -255,6 +265,50 @@ def _prepare(
     return out
 
 
+def network_loss(
+    net: LandmarkFCN | NetworkEnsemble,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    weights: LossWeights,
+    autocast_dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The training loss of one network on one batch.
+
+    An ensemble's members are trained independently, each on its own grid: the loss is
+    the sum of theirs (the logged parts are averaged).
+
+    Args:
+        net: The network (its weights in ``memory_format``).
+        x: ``(B, C, *S)`` input patches, spatial axes in array order.
+        target: ``(B, L, D)`` true positions, continuous patch index, array order.
+        weights: Loss weighting.
+        autocast_dtype: Run the forward pass under autocast to this dtype (None: as is);
+            the outputs are cast back to float32 before the loss.
+        memory_format: Memory format of the input (that of the weights).
+
+    Returns:
+        ``(loss, parts)``: the scalar loss and its float components for logging.
+    """
+    members = list(net.members) if isinstance(net, NetworkEnsemble) else [net]
+    total = torch.zeros((), device=x.device)
+    parts: dict[str, float] = {}
+    x = x.contiguous(memory_format=memory_format)
+    for member in members:
+        assert isinstance(member, LandmarkFCN)
+        if autocast_dtype is None:
+            logits, disp = member(x)
+        else:
+            with torch.autocast(x.device.type, dtype=autocast_dtype):
+                logits, disp = member(x)
+            logits, disp = logits.float(), disp.float()
+        loss, p = landmark_loss(logits, disp, target, member.stride, weights)
+        total = total + loss
+        for k, v in p.items():
+            parts[k] = parts.get(k, 0.0) + v / len(members)
+    return total, parts
+
+
 def _random_matrices(n: int, dim: int, aug: dict[str, Any], gen: torch.Generator) -> torch.Tensor:
     """``(n, D, D)`` random rotation x isotropic scaling (array-order axes)."""
     max_rot = math.radians(float(aug.get("rotation_deg", 0.0)))
@@ -306,6 +360,13 @@ class _Trainer:
             raise TrainConfigError("[train] iterations and batch_size must be >= 1")
         if int(tcfg.get("threads", 0)) > 0:
             torch.set_num_threads(int(tcfg["threads"]))
+        precision = str(tcfg.get("precision", "float32"))
+        if precision not in _AUTOCAST_DTYPES:
+            raise TrainConfigError(
+                f"[train] precision must be one of {sorted(_AUTOCAST_DTYPES)}, not {precision!r}"
+            )
+        self.autocast_dtype = _AUTOCAST_DTYPES[precision]
+        self.channels_last = bool(tcfg.get("channels_last", True))
         self.aug = cfg.get("augment", {})
         self.output = Path(cfg.get("output", "model"))
 
@@ -332,6 +393,16 @@ class _Trainer:
         self.val = _prepare(val_ids, files, table, self.config, data.get("spacing"), log)
 
         self.model = LandmarkModel.create(self.config)
+        if self.channels_last:
+            self.memory_format = (
+                torch.channels_last if self.config.dim == 2 else torch.channels_last_3d
+            )
+            # Module.to(memory_format=...) exists at run time; torch's stubs omit it.
+            self.model.global_net.to(memory_format=self.memory_format)  # type: ignore[call-overload]
+            if self.model.local_net is not None:
+                self.model.local_net.to(memory_format=self.memory_format)  # type: ignore[call-overload]
+        else:
+            self.memory_format = torch.contiguous_format
         lr = float(tcfg.get("lr", 1e-3))
         wd = float(tcfg.get("weight_decay", 1e-4))
         self.global_from = tcfg.get("global_from")
@@ -438,19 +509,9 @@ class _Trainer:
     def _loss(
         self, net: LandmarkFCN | NetworkEnsemble, x: torch.Tensor, target: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one network; an ensemble's members are trained independently, each
-        on its own grid (the sum of their losses; parts averaged for the log)."""
-        members = list(net.members) if isinstance(net, NetworkEnsemble) else [net]
-        total = torch.zeros(())
-        parts: dict[str, float] = {}
-        for member in members:
-            assert isinstance(member, LandmarkFCN)
-            logits, disp = member(x)
-            loss, p = landmark_loss(logits, disp, target, member.stride, self.loss_weights)
-            total = total + loss
-            for k, v in p.items():
-                parts[k] = parts.get(k, 0.0) + v / len(members)
-        return total, parts
+        return network_loss(
+            net, x, target, self.loss_weights, self.autocast_dtype, self.memory_format
+        )
 
     def _global_step(self, idx: torch.Tensor) -> dict[str, float]:
         dim, b = self.config.dim, len(idx)
@@ -577,6 +638,12 @@ class _Trainer:
                     state.setdefault(int(pid), {})[name] = v
             sd["state"] = state
             opt.load_state_dict(sd)
+            # The checkpoint holds plain contiguous tensors; keep the moments in the
+            # parameters' memory format so that the optimiser step stays dense.
+            for p in net.parameters():
+                for k, v in opt.state.get(p, {}).items():
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape and v.dim() >= 4:
+                        opt.state[p][k] = v.contiguous(memory_format=self.memory_format)
         torch.set_rng_state(tensors["rng.torch"])
         self.gen.set_state(tensors["rng.gen"])
         self.start = int(meta["iteration"])
