@@ -180,6 +180,8 @@ def test_precision_and_memory_format_change_arithmetic_not_training(
     plain = run("plain", 4, channels_last=False)
     last = run("last", 4, channels_last=True)
     bf16 = run("bf16", 4, channels_last=True, precision="bfloat16")
+    training = json.loads((tmp_path / "bf16" / "model.json").read_text())["metadata"]["training"]
+    assert (training["precision"], training["channels_last"]) == ("bfloat16", True)
     assert _relative_change(plain, last, start) < (1e-4 if dim == 2 else 0.1)
     assert _relative_change(plain, bf16, start) < 0.5
     if dim == 2:  # where float32 runs agree to rounding, bfloat16 must show

@@ -365,6 +365,7 @@ class _Trainer:
             raise TrainConfigError(
                 f"[train] precision must be one of {sorted(_AUTOCAST_DTYPES)}, not {precision!r}"
             )
+        self.precision = precision
         self.autocast_dtype = _AUTOCAST_DTYPES[precision]
         self.channels_last = bool(tcfg.get("channels_last", True))
         self.aug = cfg.get("augment", {})
@@ -699,6 +700,8 @@ class _Trainer:
                     "train_images": [s.image_id for s in self.train],
                     "val_images": [s.image_id for s in self.val],
                     "seed": self.seed,
+                    "precision": self.precision,
+                    "channels_last": self.channels_last,
                     "final_validation": last_val,
                     **({"global_from": str(self.global_from)} if self.global_from else {}),
                 },
