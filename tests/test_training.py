@@ -163,8 +163,8 @@ def test_precision_and_memory_format_change_arithmetic_not_training(
     Measured as ``||w_a - w_b|| / ||w_a - w_start||`` over the parameters after four
     iterations. Adam's first steps are about ``lr * sign(gradient)``, so parameters whose
     gradient is near zero take their direction from rounding: in 3D that alone parts two
-    float32 runs by ~2 % (here 2e-2 in 3D, 3e-6 in 2D, bfloat16 0.10-0.13). A wrong axis
-    order or a broken cast parts them by ~1 or more.
+    float32 runs by ~2 % (here 2e-2 in 3D, 3e-6 in 2D, bfloat16 0.10-0.13). A real fault
+    (a wrong axis order, a lost cast) changes the result itself, not only its rounding.
     """
     from fastlmk.phantoms import phantom_training_config
     from fastlmk.train import train
