@@ -52,7 +52,7 @@ test_rc=${PIPESTATUS[0]}
 echo "tests took ${SECONDS}s (rc=$test_rc)"
 
 log "latency"
-backends="torch torch-cuda"
+backends="torch torch-cuda torch-cuda-graphs"
 $PY -c "import tensorrt" 2>/dev/null && backends="$backends tensorrt"
 timeout 150 $PY benchmarks/latency.py --out "$OUTDIR/latency_gpu.json" --backends $backends \
   --warmup 5 --repeats 40 2>"$OUTDIR/latency.err" | tee "$OUTDIR/latency.txt"

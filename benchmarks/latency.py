@@ -376,7 +376,7 @@ def run_case(case: Callable[[], tuple[str, LandmarkModel, sitk.Image, dict[str, 
         timing["peak_rss_mb_so_far"] = peak_rss_mb()
         if torch.cuda.is_available():
             timing["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
-        device = "cuda" if backend in ("torch-cuda", "tensorrt") else "cpu"
+        device = "cuda" if backend.startswith("torch-cuda") or backend == "tensorrt" else "cpu"
         for stage in ("global", "local"):
             if stage in result["networks"] and stage in timing["steps_median_ms"]:
                 gmacs = result["networks"][stage]["conv_gmacs"]

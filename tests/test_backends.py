@@ -18,6 +18,7 @@ from fastlmk.backends import (
     get_backend,
     resolve_backend,
 )
+from fastlmk.backends.torch_backend import CudaGraphRunner, TorchBackend
 from fastlmk.inference import pad_to_multiple
 from fastlmk.model import LandmarkModel
 from fastlmk.networks import cell_origin, split_outputs
@@ -49,7 +50,7 @@ def test_registry() -> None:
 
 @pytest.mark.skipif(HAVE_CUDA, reason="checks the error raised without a GPU")
 def test_gpu_backends_say_what_is_missing() -> None:
-    for name in ("torch-cuda", "tensorrt"):
+    for name in ("torch-cuda", "torch-cuda-graphs", "tensorrt"):
         with pytest.raises(BackendUnavailableError, match=r"GPU|TensorRT"):
             get_backend(small_model(2), name)
 
@@ -82,6 +83,38 @@ def test_networks_match_float64(backend: str, dim: int) -> None:
         for a, b in zip(got, ref, strict=True):
             assert a.shape == b.shape
             assert (a.double().cpu() - b).abs().max() < 1e-3
+
+
+def test_cuda_graphs_need_a_cuda_device() -> None:
+    with pytest.raises(ValueError, match="CUDA graphs need a CUDA device"):
+        TorchBackend(small_model(2), torch.device("cpu"), cuda_graphs=True)
+    with pytest.raises(ValueError, match="max_graphs"):
+        CudaGraphRunner(torch.nn.Identity(), max_graphs=0)
+
+
+@pytest.mark.skipif(not HAVE_CUDA, reason="CUDA graphs need a CUDA GPU (not on this machine)")
+def test_cuda_graph_replay_matches_eager_and_keeps_its_outputs() -> None:
+    """Replays on fresh data match eager float64; returned tensors are not overwritten
+    by the next replay; a shape beyond ``max_graphs`` evicts the least recently used."""
+    model = small_model(2, seed=3)
+    assert model.local_net is not None
+    net = copy.deepcopy(model.local_net).cuda().eval()
+    runner = CudaGraphRunner(net, max_graphs=2)
+    ref_net = copy.deepcopy(model.local_net).double()
+    gen = torch.Generator().manual_seed(4)
+    shapes = [(1, 3, 16, 16), (1, 3, 16, 16), (2, 3, 24, 24), (1, 3, 16, 16), (1, 3, 32, 16)]
+    kept: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    for shape in shapes:
+        x = torch.rand(shape, generator=gen)
+        with torch.inference_mode():
+            got = runner(x.cuda())
+            ref = ref_net(x.double())
+        for a, b in zip(got, ref, strict=True):
+            assert (a.double().cpu() - b).abs().max() < 1e-3
+        kept.append((x, got[0].clone(), got[0]))
+    for _x, snapshot, returned in kept:
+        assert torch.equal(snapshot, returned)  # later replays left earlier results alone
+    assert runner.captured_shapes == [(1, 3, 16, 16), (1, 3, 32, 16)]
 
 
 def reference_points(model: LandmarkModel, image: sitk.Image) -> np.ndarray:

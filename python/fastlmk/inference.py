@@ -163,7 +163,8 @@ def localize(
         spacing: Pixel spacing in mm, (x, y[, z]) or one number; overrides the image's own
             spacing (2D image formats carry none).
         backend: ``"auto"``, ``"onnxruntime"`` (``"onnxruntime-fp32"``,
-            ``"onnxruntime-int8"``), ``"torch"``, ``"torch-cuda"`` or ``"tensorrt"``
+            ``"onnxruntime-int8"``), ``"torch"``, ``"torch-cuda"`` (``"torch-cuda-graphs"``)
+            or ``"tensorrt"``
             (see :mod:`fastlmk.backends`). On a GPU backend the whole
             pipeline (resampling, normalisation, crops, votes) runs on the device.
 

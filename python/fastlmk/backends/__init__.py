@@ -6,7 +6,8 @@ A backend takes float32 tensors ``(B, C, *S)`` (spatial axes in array order) on 
 The choice is made by ``localize(..., backend=...)``:
 
 * ``"torch"``: the model's torch networks, on the CPU or on CUDA (``"torch-cuda"``
-  forces the GPU).
+  forces the GPU; ``"torch-cuda-graphs"`` replays each network as a CUDA graph per
+  input shape, see :class:`~fastlmk.backends.torch_backend.CudaGraphRunner`).
 * ``"onnxruntime"``: ONNX Runtime on the CPU (the CPU default): the model's int8
   networks when it ships them (``*.int8.onnx``, see :mod:`fastlmk.quantize`), else
   float32. ``"onnxruntime-fp32"`` and ``"onnxruntime-int8"`` force one precision.
@@ -43,6 +44,7 @@ BACKENDS = (
     "auto",
     "torch",
     "torch-cuda",
+    "torch-cuda-graphs",
     "onnxruntime",
     "onnxruntime-fp32",
     "onnxruntime-int8",
@@ -70,13 +72,14 @@ def _importable(module: str) -> bool:
 
 
 def available_backends() -> list[str]:
-    """Concrete backends (not ``"auto"``) that can run on this machine, fastest first."""
+    """Concrete backends (not ``"auto"``) that can run on this machine, in the order
+    ``"auto"`` prefers them (it takes the first)."""
     gpu = torch.cuda.is_available()
     names = []
     if gpu and _importable("tensorrt"):
         names.append("tensorrt")
     if gpu:
-        names.append("torch-cuda")
+        names += ["torch-cuda", "torch-cuda-graphs"]
     if _importable("onnxruntime"):
         names.append("onnxruntime")
     names.append("torch")
@@ -102,16 +105,16 @@ def get_backend(model: LandmarkModel, name: str = "auto") -> Backend:
     if cached is not None:
         return cached
     backend: Backend
-    if resolved in ("torch", "torch-cuda"):
+    if resolved.startswith("torch"):
         from .torch_backend import TorchBackend
 
-        device = torch.device("cuda" if resolved == "torch-cuda" else "cpu")
+        device = torch.device("cpu" if resolved == "torch" else "cuda")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailableError(
-                "backend 'torch-cuda' needs a CUDA GPU and a CUDA build of torch; "
+                f"backend {resolved!r} needs a CUDA GPU and a CUDA build of torch; "
                 "use backend='torch' or 'onnxruntime' on this machine"
             )
-        backend = TorchBackend(model, device)
+        backend = TorchBackend(model, device, cuda_graphs=resolved == "torch-cuda-graphs")
     elif resolved.startswith("onnxruntime"):
         from .onnxruntime_backend import OnnxRuntimeBackend
 
