@@ -229,19 +229,21 @@ def time_backends(model: LandmarkModel, image: sitk.Image, backends: list[str], 
     order = random.Random(0)
     for _ in range(repeats):
         for backend in order.sample(backends, len(backends)):
-            steps = per_step[backend]
+            run: dict[str, float] = {}  # a model with several local stages marks theirs twice
             sync()
             last = start = time.perf_counter()
 
-            def mark(step: str, steps: dict[str, list[float]] = steps) -> None:
+            def mark(step: str, run: dict[str, float] = run) -> None:
                 nonlocal last
                 sync()
                 now = time.perf_counter()
-                steps[step].append(1e3 * (now - last))
+                run[step] = run.get(step, 0.0) + 1e3 * (now - last)
                 last = now
 
             _localize(image, model, backend=backend, mark=mark)
             total[backend].append(1e3 * (time.perf_counter() - start))
+            for step, ms in run.items():
+                per_step[backend][step].append(ms)
     out = {}
     for backend in backends:
         timing: dict[str, Any] = {
@@ -268,9 +270,11 @@ def batch_throughput(model: LandmarkModel, image: sitk.Image, backend: str,
                   for stage, shape in shapes.items()}
 
         def call(inputs: dict[str, torch.Tensor]) -> None:
-            runner.run_global(inputs["global"])
-            if "local" in inputs:
-                runner.run_local(inputs["local"])
+            for stage, x in inputs.items():
+                if stage == "global":
+                    runner.run_global(x)
+                else:
+                    runner.run_local(x, stage)
             sync()
 
         call(inputs)
@@ -290,16 +294,15 @@ def network_shapes(model: LandmarkModel, image: sitk.Image) -> dict[str, tuple[i
     coarse = stage_geometry(Geometry.from_sitk(image), cfg.global_stage.spacing)
     x = pad_to_multiple(torch.zeros(1, 1, *coarse.size[::-1]), model.global_net.spec.input_multiple)
     shapes = {"global": tuple(x.shape)}
-    if cfg.local_stage is not None:
-        shapes["local"] = (1, len(cfg.landmarks), *cfg.local_stage.crop_size)
+    for stage, spec in cfg.local_stages.items():
+        shapes[stage] = (1, len(cfg.landmarks), *spec.crop_size)
     return shapes
 
 
 def flops_report(model: LandmarkModel, image: sitk.Image) -> dict[str, Any]:
     out = {}
     for stage, shape in network_shapes(model, image).items():
-        net = model.global_net if stage == "global" else model.local_net
-        assert net is not None
+        net = model.network(stage)
         out[stage] = {"input_shape": list(shape), "conv_gmacs": conv_macs(net, shape) / 1e9}
     return out
 
@@ -378,8 +381,11 @@ def run_case(case: Callable[[], tuple[str, LandmarkModel, sitk.Image, dict[str, 
             timing["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
         device = "cuda" if backend.startswith("torch-cuda") or backend == "tensorrt" else "cpu"
         for stage in ("global", "local"):
-            if stage in result["networks"] and stage in timing["steps_median_ms"]:
-                gmacs = result["networks"][stage]["conv_gmacs"]
+            # The "local" step times every local stage's network (local, local2, ...).
+            nets = [v for k, v in result["networks"].items()
+                    if k == stage or (stage == "local" and k.startswith("local"))]
+            if nets and stage in timing["steps_median_ms"]:
+                gmacs = sum(n["conv_gmacs"] for n in nets)
                 achieved = 2 * gmacs / (timing["steps_median_ms"][stage] / 1e3)
                 timing[f"{stage}_gflops"] = achieved
                 timing[f"{stage}_fraction_of_peak"] = achieved / peak[device]

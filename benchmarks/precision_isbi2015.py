@@ -66,9 +66,9 @@ class Bf16Torch:
             logits, disp = self.inner.run_global(x)
         return logits.float(), disp.float()
 
-    def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def run_local(self, x: torch.Tensor, stage: str = "local") -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast():
-            logits, disp = self.inner.run_local(x)
+            logits, disp = self.inner.run_local(x, stage)
         return logits.float(), disp.float()
 
 
@@ -84,7 +84,7 @@ def run_variant(model: fastlmk.LandmarkModel, backend: Any, images: dict[str, An
             def mark(step: str, steps: dict[str, float] = steps) -> None:
                 nonlocal last
                 now = time.perf_counter()
-                steps[step] = now - last
+                steps[step] = steps.get(step, 0.0) + now - last  # summed over local stages
                 last = now
 
             lm = _localize(image, model, backend=backend, mark=mark)
@@ -149,7 +149,8 @@ def main() -> int:
         for name, (m, backend) in variants.items():
             print(f"{name} ...", file=sys.stderr, flush=True)
             results[name] = run_variant(m, backend, images, truth, args.repeats)
-        (work / "local.int8.onnx").unlink()
+        for local_int8 in work.glob("local*.int8.onnx"):  # local, local2, ...
+            local_int8.unlink()
         int8_global = fastlmk.load_model(work)
         print("onnxruntime-int8-global ...", file=sys.stderr, flush=True)
         results["onnxruntime-int8-global"] = run_variant(

@@ -3,6 +3,8 @@ on a frozen global network."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 import torch
 
 from fastlmk import ModelError, load_model, localize
-from fastlmk.model import ensemble_local
+from fastlmk.model import LandmarkModel, ensemble_local
 from fastlmk.networks import (
     EnsembleSpec,
     NetworkEnsemble,
@@ -98,18 +100,104 @@ def test_ensemble_of_a_model_with_itself_gives_its_points(
         np.testing.assert_allclose(got.confidence, ref.confidence, atol=1e-3)
 
 
-def test_ensemble_needs_matching_local_stages(model_2d: Path, tmp_path: Path) -> None:
-    from dataclasses import replace
+def _at_spacing(model: LandmarkModel, spacing: float, seed: int) -> LandmarkModel:
+    """A model with ``model``'s global network and a new random local network cropping
+    at ``spacing`` mm (a stand-in for a separately trained coarser local stage)."""
+    assert model.config.local_stage is not None
+    stage = replace(model.config.local_stage, spacing=(spacing,) * model.dim)
+    torch.manual_seed(seed)
+    other = LandmarkModel.create(replace(model.config, name="coarse", local_stage=stage))
+    other.global_net.load_state_dict(model.global_net.state_dict())
+    other.global_net.eval()
+    return other
 
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_local_stages_at_two_spacings_average_by_network_count(dim: int, tmp_path: Path) -> None:
+    """[fine, fine, coarse]: the fine networks are pooled into stage "local" (identical
+    members: its vote is the fine model's), the coarse one becomes stage "local2"; the
+    result is (2 x fine + 1 x coarse) / 3 of the two single-stage models' results, for
+    every CPU backend, also after saving and loading."""
+    from test_export import small_model
+
+    from fastlmk.backends import available_backends
+
+    fine = small_model(dim, seed=7)
+    coarse = _at_spacing(fine, 1.5, seed=8)
+    combined = ensemble_local([fine, fine, coarse], name="two-scales")
+    assert list(combined.config.local_stages) == ["local", "local2"]
+    assert combined.stage_names == ["global", "local", "local2"]
+    assert combined.config.extra_local_stages[0].spacing == (1.5,) * dim
+    saved = combined.save(tmp_path / "m")
+    assert (saved / "local2.safetensors").is_file()
+    assert "local_extra" in (saved / "model.json").read_text()
+    loaded = load_model(saved)
+    assert loaded.config == combined.config
+
+    rng = np.random.default_rng(dim)
+    image = rng.random((40,) * dim).astype(np.float32)
+    for backend in [b for b in available_backends() if not b.startswith(("torch-cuda", "tensorrt"))]:
+        one = localize(image, fine, spacing=1.0, backend=backend)
+        two = localize(image, coarse, spacing=1.0, backend=backend)
+        expected = (2 * one.points_mm + two.points_mm) / 3
+        for model in (combined, loaded):
+            got = localize(image, model, spacing=1.0, backend=backend)
+            np.testing.assert_allclose(got.points_mm, expected, atol=2e-3, err_msg=backend)
+            per_stage = got.details["local_stage_points_mm"]
+            np.testing.assert_allclose(per_stage[0], one.points_mm, atol=2e-3)
+            np.testing.assert_allclose(per_stage[1], two.points_mm, atol=2e-3)
+            # Pooled spread: weighted RMS of each stage's spread and distance to the mean.
+            d2 = ((per_stage - got.points_mm) ** 2).sum(-1)
+            s2 = np.stack([one.details["local_spread_mm"], two.details["local_spread_mm"]]) ** 2
+            w = np.array([2.0, 1.0])[:, None]
+            np.testing.assert_allclose(
+                got.details["local_spread_mm"],
+                np.sqrt((w * (s2 + d2)).sum(0) / 3),
+                rtol=1e-3,
+            )
+
+
+def test_two_scale_model_exports_and_quantizes(tmp_path: Path) -> None:
+    from test_export import small_model
+
+    from fastlmk.export import export_onnx
+    from fastlmk.quantize import quantize_int8
+
+    fine = small_model(2, seed=3)
+    model = load_model(ensemble_local([fine, _at_spacing(fine, 1.5, seed=4)]).save(tmp_path / "m"))
+    results = export_onnx(model, tmp_path / "m")
+    assert [r.stage for r in results] == ["global", "local", "local2"]
+    assert all(r.max_abs_diff < 1e-4 for r in results), results
+    rng = np.random.default_rng(0)
+    images = [rng.random((40, 40)).astype(np.float32) for _ in range(3)]
+    q = quantize_int8(model, images, spacing=1.0)
+    assert [r.stage for r in q] == ["global", "local", "local2"]
+    assert (tmp_path / "m" / "local2.int8.onnx").is_file()
+    fresh = load_model(tmp_path / "m")  # new backends, reading the int8 files
+    got = localize(images[0], fresh, spacing=1.0, backend="onnxruntime-int8")
+    ref = localize(images[0], fresh, spacing=1.0, backend="onnxruntime-fp32")
+    assert np.isfinite(got.points_mm).all()
+    assert np.abs(got.points_mm - ref.points_mm).max() < 1.0  # mm; int8 moves votes a little
+
+
+def test_ensemble_errors(model_2d: Path, tmp_path: Path) -> None:
     one = load_model(model_2d)
-    assert one.config.local_stage is not None
-    other_stage = replace(one.config.local_stage, spacing=(0.5, 0.5))
     other = load_model(model_2d)
-    other.config = replace(other.config, local_stage=other_stage)
-    with pytest.raises(ModelError, match="crops"):
+    other.config = replace(other.config, landmarks=tuple(f"x{n}" for n in one.names))
+    with pytest.raises(ModelError, match="differs in landmarks"):
         ensemble_local([one, other])
     with pytest.raises(ModelError, match="at least two"):
         ensemble_local([one])
+    # A damaged model.json: further local stages that are not a list.
+    saved = ensemble_local([one, _at_spacing(one, 2.0, seed=1)]).save(tmp_path / "m")
+    raw = json.loads((saved / "model.json").read_text())
+    raw["local_extra"] = raw["local_extra"][0]
+    (saved / "model.json").write_text(json.dumps(raw))
+    with pytest.raises(ModelError, match="local_extra"):
+        load_model(saved)
+    (saved / "model.json").write_text(json.dumps({**raw, "local_extra": []}))
+    (saved / "local2.safetensors").unlink()
+    assert load_model(saved).config.extra_local_stages == ()  # no stage, no file needed
 
 
 def test_local_stage_trained_on_a_frozen_global_network(
@@ -146,7 +234,7 @@ def test_ensemble_command(model_2d: Path, tmp_path: Path, capsys: pytest.Capture
 
     out = tmp_path / "ens"
     assert main(["ensemble", str(model_2d), str(model_2d), "--out", str(out), "--name", "e"]) == 0
-    assert "2 local network members" in capsys.readouterr().out
+    assert "local: 2 network(s) at" in capsys.readouterr().out
     model = load_model(out)
     assert model.config.name == "e" and isinstance(model.local_net, NetworkEnsemble)
     assert main(["ensemble", str(model_2d), "--out", str(tmp_path / "one")]) != 0

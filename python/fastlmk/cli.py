@@ -116,9 +116,12 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
     model = ensemble_local(list(args.models), name=args.name)
     out = model.save(args.out)
-    network = model.config.local_stage.network if model.config.local_stage else None
-    members = len(network.members) if isinstance(network, EnsembleSpec) else 1
-    print(f"{out}: global network of {args.models[0]}, {members} local network members")
+    stages = []
+    for stage, spec in model.config.local_stages.items():
+        members = len(spec.network.members) if isinstance(spec.network, EnsembleSpec) else 1
+        spacing = " x ".join(f"{s:g}" for s in spec.spacing)
+        stages.append(f"{stage}: {members} network(s) at {spacing} mm")
+    print(f"{out}: global network of {args.models[0]}; {'; '.join(stages)}")
     return 0
 
 
@@ -213,16 +216,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stages",
         nargs="+",
-        default=["global", "local"],
-        choices=["global", "local"],
-        help="networks to quantize with --int8 (default: both)",
+        metavar="STAGE",
+        help="networks to quantize with --int8: global, local, local2 ... (default: all)",
     )
     p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm (2D files)")
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
         "ensemble",
-        help="combine the local networks of several models (same crops) into one model",
+        help="combine the local networks of several models into one model (same crops: "
+        "pooled votes; other spacings or crops: further local stages)",
     )
     p.add_argument("models", nargs="+", help="models; the first gives the global network")
     p.add_argument("--out", required=True, help="output model directory")

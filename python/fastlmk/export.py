@@ -4,6 +4,7 @@
 
     global.onnx        the global network      image (B, 1, *S) -> logits, disp
     local.onnx         the L local networks    crops (B, L, *P) -> logits, disp
+    local2.onnx ...    further local stages (other spacings), if the model has them
     *.fp16.onnx        the same in float16 (weights, inputs and outputs)
 
 Batch and spatial axes are dynamic (every spatial size must be a multiple of the
@@ -62,7 +63,7 @@ class ExportResult:
 
     Attributes:
         path: The ONNX file.
-        stage: ``"global"`` or ``"local"``.
+        stage: ``"global"``, ``"local"``, ``"local2"`` ...
         fp16: Whether the file computes in float16.
         max_abs_diff: Largest absolute difference of ONNX Runtime's outputs (logits and
             signed-log displacements) from the float32 torch network on random input,
@@ -92,8 +93,7 @@ def model_hash(model: LandmarkModel) -> str:
     if cached is not None:
         return cached
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
-    nets = [model.global_net] + ([model.local_net] if model.local_net is not None else [])
-    for net in nets:
+    for net in (model.network(stage) for stage in model.stage_names):
         for name, t in net.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
@@ -107,10 +107,6 @@ def onnx_file(stage: str, fp16: bool = False) -> str:
     return f"{stage}{'.fp16' if fp16 else ''}.onnx"
 
 
-def _stages(model: LandmarkModel) -> list[str]:
-    return ["global"] + (["local"] if model.local_net is not None else [])
-
-
 def onnx_files(model: LandmarkModel, fp16: bool = False) -> dict[str, Path]:
     """The ONNX file of each stage of ``model``, exported first when missing.
 
@@ -118,9 +114,9 @@ def onnx_files(model: LandmarkModel, fp16: bool = False) -> dict[str, Path]:
     them); otherwise the model is exported once into ``cache_dir()/onnx/<model_hash>``.
 
     Returns:
-        ``{"global": path, "local": path}`` (no ``"local"`` for a global-only model).
+        ``{"global": path, "local": path, ...}``: one per :attr:`LandmarkModel.stage_names`.
     """
-    stages = _stages(model)
+    stages = model.stage_names
     if model.path is not None:
         here = {s: Path(model.path) / onnx_file(s, fp16) for s in stages}
         if all(p.is_file() for p in here.values()):
@@ -133,10 +129,9 @@ def onnx_files(model: LandmarkModel, fp16: bool = False) -> dict[str, Path]:
 
 
 def _network(model: LandmarkModel, stage: str) -> LandmarkFCN | NetworkEnsemble:
-    net = model.global_net if stage == "global" else model.local_net
-    if net is None:
+    if stage not in model.stage_names:
         raise ExportError(f"model {model.config.name!r} has no {stage} stage to export")
-    return net
+    return model.network(stage)
 
 
 def _example_shapes(model: LandmarkModel, stage: str) -> list[tuple[int, ...]]:
@@ -145,7 +140,7 @@ def _example_shapes(model: LandmarkModel, stage: str) -> list[tuple[int, ...]]:
     s, dim = net.spec.input_multiple, model.dim
     if stage == "global":
         return [(1, 1, *([4 * s] * dim)), (2, 1, *[(3 + k) * s for k in range(dim)])]
-    crop = model.config.local_stage.crop_size if model.config.local_stage else (2 * s,) * dim
+    crop = model.config.local_stages[stage].crop_size
     return [(1, net.groups, *crop), (2, net.groups, *[c + s for c in crop])]
 
 
@@ -239,7 +234,7 @@ def export_onnx(
         directory = model.path
     out = Path(directory)
     results = []
-    for stage in _stages(model):
+    for stage in model.stage_names:
         net = _network(model, stage)
         shapes = _example_shapes(model, stage)
         example = torch.rand(shapes[0], generator=torch.Generator().manual_seed(0))

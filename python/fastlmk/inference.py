@@ -19,8 +19,8 @@ from .backends import Backend, get_backend
 from .errors import InvalidImageError
 from .io import as_image
 from .landmarks import Landmarks
-from .model import LandmarkModel, load_model
-from .networks import cell_origin, split_outputs
+from .model import LandmarkModel, StageSpec, load_model
+from .networks import EnsembleSpec, cell_origin, split_outputs
 from .ops import vote
 from .preprocess import StageTensor, orient, prepare_global, stage_geometry, stage_patches
 from .sampling import patch_to_source
@@ -104,6 +104,7 @@ def run_local(
     value_range: torch.Tensor,
     backend: Backend,
     mark: Mark = _no_mark,
+    stage: str = "local",
 ) -> StageVote:
     """Local stage: crops of the fine stage image around ``centres``, the L local
     networks as one grouped call, a vote, mapped back to the fine stage image.
@@ -116,16 +117,18 @@ def run_local(
         value_range: Intensities mapped to 0 and 1 (from the global stage).
         backend: Runs the networks.
         mark: Called after each step with its name.
+        stage: Which local stage (``"local"``, ``"local2"``, ...): its spacing is the
+            fine stage's.
 
     Returns:
         The local vote, positions as continuous fine-stage indices (array order).
     """
-    spec = model.config.local_stage
+    spec = model.config.local_stages.get(stage)
     if spec is None:
-        raise ValueError("model has no local stage")
+        raise ValueError(f"model has no {stage} stage")
     crops = stage_patches(x, geom, spec.spacing, centres, spec.crop_size, value_range)[None]
     mark("crop")
-    logits, disp = backend.run_local(crops)
+    logits, disp = backend.run_local(crops, stage)
     mark("local")
     local = _vote(logits[0], disp[0], model.dim, spec.network.stride, spec.vote_min_prob)
     pos = patch_to_source(local.position[None], centres[None].double(), spec.crop_size)[0]
@@ -226,8 +229,7 @@ def _localize(
     g = run_global(model, coarse, runner, mark)
     # Device-side results, gathered into one host transfer at the end.
     outputs = [g.position, g.weight[:, None], g.spread[:, None]]
-    lstage = cfg.local_stage
-    if lstage is not None and model.local_net is not None:
+    for stage, lstage in cfg.local_stages.items():
         fine = stage_geometry(geom, lstage.spacing)
         # Both grids share origin and direction: an index scales by the spacing ratio.
         scale = torch.tensor(
@@ -239,13 +241,18 @@ def _localize(
         have = torch.isfinite(centres).all(dim=1, keepdim=True)
         middle = (torch.tensor(fine.size[::-1], dtype=torch.float64, device=x.device) - 1) / 2
         start = torch.where(have, centres, middle)
-        loc = run_local(model, x, geom, start, value_range, runner, mark)
+        loc = run_local(model, x, geom, start, value_range, runner, mark, stage)
         outputs += [start, loc.position, loc.weight[:, None], loc.spread[:, None]]
     host = torch.cat(outputs, dim=1).cpu().numpy()
     mark("to_host")
     result = _assemble(model, original, img, geom, host, name)
     mark("to_physical")
     return result
+
+
+def _members(spec: StageSpec) -> int:
+    """Number of networks pooled in a stage (its weight among local stages)."""
+    return len(spec.network.members) if isinstance(spec.network, EnsembleSpec) else 1
 
 
 def _assemble(
@@ -259,9 +266,13 @@ def _assemble(
     """Landmarks in physical space, confidence and flags from the stages' votes.
 
     ``oriented`` is the geometry of the oriented input image. ``host`` holds, per
-    landmark, the global vote (position (D), weight, spread) and, with a local stage, the
-    crop centre (D) and the local vote (position (D), weight, spread); positions are
+    landmark, the global vote (position (D), weight, spread) and, for each local stage,
+    the crop centre (D) and the local vote (position (D), weight, spread); positions are
     stage-grid indices in array order.
+
+    With several local stages the position is the mean of theirs weighted by their
+    numbers of networks, the vote weight likewise, and the spread is pooled: the
+    weighted RMS over the stages of (own spread, distance to the mean).
     """
     cfg = model.config
     dim = cfg.dim
@@ -275,24 +286,40 @@ def _assemble(
         "global_weight": g_weight,
         "global_spread_mm": spread_mm.copy(),
     }
-    local_outside = np.zeros(len(cfg.landmarks), dtype=bool)
-    lstage = cfg.local_stage
-    if host.shape[1] > dim + 2 and lstage is not None:
-        o = dim + 2
-        start, l_pos = host[:, o : o + dim], host[:, o + dim : o + 2 * dim]
-        l_weight, l_spread = host[:, o + 2 * dim], host[:, o + 2 * dim + 1]
-        fine = stage_geometry(oriented, lstage.spacing)
-        have = np.isfinite(g_pos).all(axis=1)
-        moved = np.abs(l_pos - start)
-        half = np.array(lstage.crop_size) / 2.0
-        local_outside = ~(moved <= half).all(axis=1)
-        use_local = have & np.isfinite(l_pos).all(axis=1)
-        l_points = geometry.index_to_physical(geometry.array_index_to_itk(l_pos), fine)
+    n_lm = len(cfg.landmarks)
+    local_outside = np.zeros(n_lm, dtype=bool)
+    have = np.isfinite(g_pos).all(axis=1)
+    stages = list(cfg.local_stages.values())
+    if stages and host.shape[1] >= dim + 2 + len(stages) * (2 * dim + 2):
+        s_points, s_weight, s_spread, s_count = [], [], [], []
+        for k, lstage in enumerate(stages):
+            o = dim + 2 + k * (2 * dim + 2)
+            start, l_pos = host[:, o : o + dim], host[:, o + dim : o + 2 * dim]
+            fine = stage_geometry(oriented, lstage.spacing)
+            moved = np.abs(l_pos - start)
+            half = np.array(lstage.crop_size) / 2.0
+            local_outside |= ~(moved <= half).all(axis=1)
+            s_points.append(geometry.index_to_physical(geometry.array_index_to_itk(l_pos), fine))
+            s_weight.append(host[:, o + 2 * dim])
+            s_spread.append(host[:, o + 2 * dim + 1] * float(np.mean(lstage.spacing)))
+            s_count.append(_members(lstage))
+        pts = np.stack(s_points)  # (S, L, D)
+        valid = np.isfinite(pts).all(axis=2)  # (S, L)
+        w = np.array(s_count, dtype=float)[:, None] * valid
+        total = w.sum(axis=0)
+        use_local = have & (total > 0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            l_points = np.nansum(w[..., None] * np.nan_to_num(pts), axis=0) / total[:, None]
+            l_weight = np.sum(w * np.nan_to_num(np.stack(s_weight)), axis=0) / total
+            dist2 = np.sum((np.nan_to_num(pts) - l_points) ** 2, axis=2)
+            pooled = np.sum(w * (np.nan_to_num(np.stack(s_spread)) ** 2 + dist2), axis=0)
+            local_spread_mm = np.sqrt(pooled / total)
         points = np.where(use_local[:, None], l_points, points)
-        weights.append(l_weight)
-        local_spread_mm = l_spread * float(np.mean(lstage.spacing))
+        weights.append(np.where(total > 0, l_weight, 0.0))
         spread_mm = np.where(use_local, local_spread_mm, spread_mm)
-        details.update(local_weight=l_weight, local_spread_mm=local_spread_mm)
+        details.update(local_weight=weights[-1], local_spread_mm=local_spread_mm)
+        if len(stages) > 1:
+            details["local_stage_points_mm"] = pts
 
     index = geometry.physical_to_index(points, original)
     size = np.array(img.GetSize(), dtype=float)

@@ -6,6 +6,7 @@ A model is a directory::
                             network architectures, intensity normalisation, thresholds
     global.safetensors      weights of the global network
     local.safetensors       weights of the L local networks (one grouped network)
+    local2.safetensors ...  weights of further local stages at other spacings, if any
 
 No file of a model can execute code when loaded (no pickle). Bundled models live in
 ``fastlmk/models/<name>/`` inside the package and are loaded by name.
@@ -14,6 +15,7 @@ No file of a model can execute code when loaded (no pickle). Bundled models live
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -43,6 +45,7 @@ __all__ = [
     "available_models",
     "ensemble_local",
     "load_model",
+    "local_stage_names",
 ]
 
 FORMAT_VERSION = 1
@@ -166,14 +169,25 @@ class ModelConfig:
     landmarks: tuple[str, ...]
     global_stage: StageSpec
     local_stage: StageSpec | None
+    # Further local stages (other spacing or crop), all cropping around the global
+    # estimate like ``local_stage``; see :func:`local_stage_names`.
+    extra_local_stages: tuple[StageSpec, ...] = ()
     intensity: IntensitySpec = IntensitySpec()
     confidence: ConfidenceSpec = ConfidenceSpec()
     orientation: str = "LPS"
     description: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def local_stages(self) -> dict[str, StageSpec]:
+        """Every local stage by name: ``"local"``, then ``"local2"``, ``"local3"`` ..."""
+        if self.local_stage is None:
+            return {}
+        stages = [self.local_stage, *self.extra_local_stages]
+        return dict(zip(local_stage_names(len(stages)), stages, strict=True))
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "format_version": FORMAT_VERSION,
             "name": self.name,
             "description": self.description,
@@ -186,6 +200,9 @@ class ModelConfig:
             "confidence": self.confidence.to_dict(),
             "metadata": self.metadata,
         }
+        if self.extra_local_stages:
+            d["local_extra"] = [stage.to_dict() for stage in self.extra_local_stages]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
@@ -206,18 +223,33 @@ class ModelConfig:
         if not names or len(set(names)) != len(names):
             raise ModelError("model.json: 'landmarks' must be a non-empty list of unique names")
         local = d.get("local")
+        extra = d.get("local_extra", [])
+        if not isinstance(extra, list) or (extra and local is None):
+            raise ModelError(
+                "model.json: 'local_extra' must be a list of stages, and needs a 'local' stage"
+            )
         return cls(
             name=str(d.get("name", "")),
             dim=dim,
             landmarks=names,
             global_stage=StageSpec.from_dict(gspec, dim, "global"),
             local_stage=None if local is None else StageSpec.from_dict(local, dim, "local"),
+            extra_local_stages=tuple(
+                StageSpec.from_dict(e, dim, name)
+                for e, name in zip(extra, local_stage_names(len(extra) + 1)[1:], strict=True)
+            ),
             intensity=IntensitySpec.from_dict(d.get("intensity", {})),
             confidence=ConfidenceSpec.from_dict(d.get("confidence", {})),
             orientation=str(d.get("orientation", "LPS")),
             description=str(d.get("description", "")),
             metadata=dict(d.get("metadata", {})),
         )
+
+
+def local_stage_names(n: int) -> list[str]:
+    """Names of ``n`` local stages: ``"local"``, ``"local2"``, ``"local3"`` ... (also the
+    stems of their weight and ONNX files)."""
+    return ["local"] + [f"local{k}" for k in range(2, n + 1)]
 
 
 class LandmarkModel:
@@ -228,6 +260,7 @@ class LandmarkModel:
         global_net: The global network (``groups=1``, L landmarks).
         local_net: The L local networks as one grouped network, or None.
         path: Directory the model was loaded from, if any.
+        extra_local_nets: The networks of ``config.extra_local_stages``, in order.
     """
 
     def __init__(
@@ -236,10 +269,19 @@ class LandmarkModel:
         global_net: LandmarkFCN | NetworkEnsemble,
         local_net: LandmarkFCN | NetworkEnsemble | None,
         path: Path | None = None,
+        extra_local_nets: Sequence[LandmarkFCN | NetworkEnsemble] = (),
     ) -> None:
+        if len(extra_local_nets) != len(config.extra_local_stages) or (
+            extra_local_nets and local_net is None
+        ):
+            raise ModelError(
+                f"model {config.name!r}: {len(extra_local_nets)} networks for "
+                f"{len(config.extra_local_stages)} further local stages"
+            )
         self.config = config
         self.global_net = global_net.eval()
         self.local_net = None if local_net is None else local_net.eval()
+        self.extra_local_nets = [net.eval() for net in extra_local_nets]
         self.path = path
         self._backends: dict[str, Any] = {}
 
@@ -251,7 +293,30 @@ class LandmarkModel:
         lnet = None
         if config.local_stage is not None:
             lnet = build_network(config.dim, 1, config.local_stage.network, groups=n)
-        return cls(config, gnet, lnet)
+        extra = [
+            build_network(config.dim, 1, stage.network, groups=n)
+            for stage in config.extra_local_stages
+        ]
+        return cls(config, gnet, lnet, extra_local_nets=extra)
+
+    @property
+    def stage_names(self) -> list[str]:
+        """``"global"`` and the names of the local stages (see :func:`local_stage_names`)."""
+        return ["global", *self.config.local_stages]
+
+    def network(self, stage: str) -> LandmarkFCN | NetworkEnsemble:
+        """The network of stage ``stage`` (one of :attr:`stage_names`).
+
+        Raises:
+            ModelError: the model has no such stage.
+        """
+        if stage == "global":
+            return self.global_net
+        nets = [] if self.local_net is None else [self.local_net, *self.extra_local_nets]
+        named = dict(zip(local_stage_names(len(nets)), nets, strict=True))
+        if stage not in named:
+            raise ModelError(f"model {self.config.name!r} has no {stage} stage")
+        return named[stage]
 
     @property
     def names(self) -> list[str]:
@@ -265,9 +330,8 @@ class LandmarkModel:
         """Write ``model.json`` and safetensors weights to ``directory`` (created)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(_state(self.global_net), str(out / "global.safetensors"))
-        if self.local_net is not None:
-            save_file(_state(self.local_net), str(out / "local.safetensors"))
+        for stage in self.stage_names:
+            save_file(_state(self.network(stage)), str(out / f"{stage}.safetensors"))
         (out / "model.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return out
 
@@ -338,26 +402,28 @@ def load_model(name_or_dir: str | Path | LandmarkModel) -> LandmarkModel:
         raise ModelError(f"cannot read {path / 'model.json'}: {exc}") from exc
     config = ModelConfig.from_dict(raw)
     model = LandmarkModel.create(config)
-    _load_weights(model.global_net, path / "global.safetensors")
-    if model.local_net is not None:
-        _load_weights(model.local_net, path / "local.safetensors")
+    for stage in model.stage_names:
+        net = model.network(stage)
+        _load_weights(net, path / f"{stage}.safetensors")
+        net.eval()
     model.path = path
-    model.global_net.eval()
-    if model.local_net is not None:
-        model.local_net.eval()
     return model
 
 
 def ensemble_local(
     models: list[LandmarkModel | str | Path], name: str | None = None
 ) -> LandmarkModel:
-    """One model whose local stage pools the votes of several models' local networks.
+    """One model whose local stages pool the local networks of several models.
 
-    The first model gives the global network and everything else in the configuration;
-    the local networks of all models become the members of one
-    :class:`~fastlmk.networks.NetworkEnsemble` (members of ensembles are taken over one
-    by one). The local stages must agree in spacing, crop size, landmarks and intensity
-    normalisation, so that all members see the same crops.
+    The first model gives the global network and everything else in the configuration.
+    Local networks that crop at the same spacing and crop size become the members of one
+    :class:`~fastlmk.networks.NetworkEnsemble` whose votes are pooled (members of
+    ensembles are taken over one by one); each further spacing / crop size becomes a
+    further local stage (``"local2"``, ...), in the order first met. At inference every
+    local stage crops around the global estimate and votes; the final position is the
+    mean of the stages' positions weighted by their numbers of member networks (so
+    every local network counts alike). The models must agree in landmarks, dimension
+    and intensity normalisation.
 
     Args:
         models: Two or more models (loaded, directories or bundled names).
@@ -367,56 +433,67 @@ def ensemble_local(
         The combined model (not saved; see :meth:`LandmarkModel.save`).
 
     Raises:
-        ModelError: fewer than two models, a model without a local stage, or stages that
+        ModelError: fewer than two models, a model without a local stage, or models that
             do not agree.
     """
     loaded = [load_model(m) for m in models]
     if len(loaded) < 2:
         raise ModelError("ensemble_local: needs at least two models")
     first = loaded[0]
-    base = first.config.local_stage
-    if base is None:
+    if first.config.local_stage is None:
         raise ModelError(f"ensemble_local: model {first.config.name!r} has no local stage")
-    specs: list[NetworkSpec] = []
-    states: list[dict[str, torch.Tensor]] = []
+    # (spacing, crop) -> (the first stage spec met, member specs, member weights)
+    groups: dict[
+        tuple[tuple[float, ...], tuple[int, ...]],
+        tuple[StageSpec, list[NetworkSpec], list[dict[str, torch.Tensor]]],
+    ] = {}
     for m in loaded:
-        stage = m.config.local_stage
         where = f"model {m.config.name!r} ({m.path})"
-        if stage is None or m.local_net is None:
+        if m.config.local_stage is None or m.local_net is None:
             raise ModelError(f"ensemble_local: {where} has no local stage")
         if (m.names, m.dim, m.config.intensity) != (first.names, first.dim, first.config.intensity):
             raise ModelError(
                 f"ensemble_local: {where} differs in landmarks, dimension or intensity "
                 f"normalisation from {first.config.name!r}"
             )
-        if (stage.spacing, stage.crop_size) != (base.spacing, base.crop_size):
-            raise ModelError(
-                f"ensemble_local: {where} crops {stage.crop_size} at {stage.spacing} mm; "
-                f"the first model crops {base.crop_size} at {base.spacing} mm"
+        for stage_name, stage in m.config.local_stages.items():
+            _, specs, states = groups.setdefault(
+                (stage.spacing, stage.crop_size), (stage, [], [])
             )
-        net = m.local_net
-        if isinstance(net, NetworkEnsemble):
-            specs += list(net.spec.members)
-            states += [_state(member) for member in net.members]
-        else:
-            assert isinstance(stage.network, NetworkSpec)
-            specs.append(stage.network)
-            states.append(_state(net))
-    local = replace(base, network=EnsembleSpec(tuple(specs)))
+            net = m.network(stage_name)
+            if isinstance(net, NetworkEnsemble):
+                specs += list(net.spec.members)
+                states += [_state(member) for member in net.members]
+            else:
+                assert isinstance(stage.network, NetworkSpec)
+                specs.append(stage.network)
+                states.append(_state(net))
+    stages = [
+        replace(spec0, network=specs[0] if len(specs) == 1 else EnsembleSpec(tuple(specs)))
+        for spec0, specs, _ in groups.values()
+    ]
     sources = [
         {"model": m.config.name, "path": str(m.path), **m.config.metadata} for m in loaded
     ]
     metadata = {**first.config.metadata, "local_ensemble_of": sources}
     config = replace(
-        first.config, name=name or first.config.name, local_stage=local, metadata=metadata
+        first.config,
+        name=name or first.config.name,
+        local_stage=stages[0],
+        extra_local_stages=tuple(stages[1:]),
+        metadata=metadata,
     )
     combined = LandmarkModel.create(config)
     combined.global_net.load_state_dict(first.global_net.state_dict())
-    assert isinstance(combined.local_net, NetworkEnsemble)
-    for member, state in zip(combined.local_net.members, states, strict=True):
-        member.load_state_dict(state)
+    for stage_name, (_, _, states) in zip(config.local_stages, groups.values(), strict=True):
+        net = combined.network(stage_name)
+        if isinstance(net, NetworkEnsemble):
+            for member, state in zip(net.members, states, strict=True):
+                member.load_state_dict(state)
+        else:
+            net.load_state_dict(states[0])
+        net.eval()
     combined.global_net.eval()
-    combined.local_net.eval()
     return combined
 
 

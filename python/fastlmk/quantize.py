@@ -4,7 +4,8 @@
 
     global.int8.onnx   the global network, int8 weights (per output channel) and int8
     local.int8.onnx    activations; the two heads (classification, displacement) stay
-                       float32, so the vote reads float32 logits and displacements
+    local2.int8.onnx   float32, so the vote reads float32 logits and displacements
+    ...                (further local stages, if the model has them)
 
 The L local networks run as one grouped network in float32; their int8 file holds them
 ungrouped, one graph per landmark side by side (same input and outputs): ONNX Runtime's
@@ -64,7 +65,7 @@ class QuantizeResult:
 
     Attributes:
         path: The int8 ONNX file.
-        stage: ``"global"`` or ``"local"``.
+        stage: ``"global"``, ``"local"``, ``"local2"`` ...
         calibration_batches: Recorded network inputs its activation ranges come from.
         max_abs_diff: Largest absolute difference of its outputs (logits, signed-log
             displacements) from the float32 ONNX network on the calibration inputs.
@@ -81,15 +82,15 @@ class _Recorder:
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.name, self.device = inner, inner.name, inner.device
-        self.inputs: dict[str, list[np.ndarray]] = {"global": [], "local": []}
+        self.inputs: dict[str, list[np.ndarray]] = {"global": []}
 
     def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self.inputs["global"].append(x.detach().cpu().float().numpy().copy())
         return self.inner.run_global(x)
 
-    def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.inputs["local"].append(x.detach().cpu().float().numpy().copy())
-        return self.inner.run_local(x)
+    def run_local(self, x: torch.Tensor, stage: str = "local") -> tuple[torch.Tensor, torch.Tensor]:
+        self.inputs.setdefault(stage, []).append(x.detach().cpu().float().numpy().copy())
+        return self.inner.run_local(x, stage)
 
 
 def calibration_inputs(
@@ -105,8 +106,8 @@ def calibration_inputs(
         spacing: Pixel spacing in mm for inputs that carry none (2D image files, arrays).
 
     Returns:
-        ``{"global": [(1, 1, *S) arrays], "local": [(1, L, *P) arrays]}`` (float32), one
-        entry per image.
+        ``{"global": [(1, 1, *S) arrays], "local": [(1, L, *P) arrays], ...}`` (float32;
+        one key per stage the model has), one entry per image.
     """
     from .backends import get_backend
     from .inference import _localize
@@ -132,8 +133,8 @@ def _source_onnx(model: LandmarkModel, stage: str, fp32: Path, tmp: Path) -> Pat
     networks, which are exported ungrouped (one graph per landmark, same outputs), so
     every landmark's network gets its own activation scales and ONNX Runtime's fast
     int8 convolution kernels (it has none for grouped convolutions)."""
-    net = model.global_net if stage == "global" else model.local_net
-    if net is None or net.groups == 1:
+    net = model.network(stage)
+    if net.groups == 1:
         return fp32
     path = tmp / "ungrouped.onnx"
     shape = _example_shapes(model, stage)[0]
@@ -170,7 +171,7 @@ def quantize_int8(
     *,
     spacing: float | tuple[float, ...] | None = None,
     directory: str | Path | None = None,
-    stages: Sequence[str] = ("global", "local"),
+    stages: Sequence[str] | None = None,
 ) -> list[QuantizeResult]:
     """Write int8 versions of the model's ONNX networks, calibrated on ``images``.
 
@@ -180,9 +181,10 @@ def quantize_int8(
             are enough for the activation ranges.
         spacing: Pixel spacing in mm for images that carry none.
         directory: Output directory; the model's own directory when None.
-        stages: Which networks to quantize. The ONNX Runtime backend runs int8 for the
-            stages that have an int8 file and float32 for the others; the local stage
-            sets the final precision, so it is the one most sensitive to int8.
+        stages: Which networks to quantize (None: all of the model's stages). The ONNX
+            Runtime backend runs int8 for the stages that have an int8 file and float32
+            for the others; the local stages set the final precision, so they are the
+            ones most sensitive to int8.
 
     Returns:
         One :class:`QuantizeResult` per quantized stage.
@@ -194,6 +196,8 @@ def quantize_int8(
     if not images:
         raise ExportError("int8 calibration needs at least one image")
     fp32_files = onnx_files(model)
+    if stages is None:
+        stages = list(fp32_files)
     unknown = sorted(set(stages) - set(fp32_files))
     if unknown or not stages:
         raise ExportError(

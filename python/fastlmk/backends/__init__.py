@@ -64,7 +64,9 @@ class Backend(Protocol):
 
     def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
-    def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def run_local(
+        self, x: torch.Tensor, stage: str = "local"
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 def _importable(module: str) -> bool:

@@ -60,7 +60,7 @@ def _files(model: LandmarkModel, precision: str) -> dict[str, tuple[Path, str]]:
 
     if precision not in ("auto", "fp32", "int8"):
         raise ModelError(f"unknown ONNX Runtime precision {precision!r}: auto, fp32 or int8")
-    stages = ["global"] + (["local"] if model.local_net is not None else [])
+    stages = model.stage_names
     if precision == "fp32" or model.path is None:
         int8: dict[str, Path] = {}
     else:
@@ -134,5 +134,5 @@ class OnnxRuntimeBackend:
     def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run("global", x)
 
-    def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._run("local", x)
+    def run_local(self, x: torch.Tensor, stage: str = "local") -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(stage, x)

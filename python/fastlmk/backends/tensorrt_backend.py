@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..errors import FastlmkError, ModelError
+from ..errors import FastlmkError
 from . import BackendUnavailableError
 
 if TYPE_CHECKING:
@@ -148,9 +148,7 @@ class TensorRTBackend:
     def _engine(self, stage: str, shape: tuple[int, ...]) -> _Engine:
         from ..export import model_hash
 
-        net = self._model.global_net if stage == "global" else self._model.local_net
-        if net is None:
-            raise ModelError(f"model {self._model.config.name!r} has no {stage} stage")
+        net = self._model.network(stage)  # ModelError for a stage the model lacks
         multiple = net.spec.input_multiple  # every member of an ensemble must fit
         bucket = tuple(_bucket(n, multiple) for n in shape[2:])
         key = (stage, bucket)
@@ -221,5 +219,5 @@ class TensorRTBackend:
     def run_global(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self._run("global", x)
 
-    def run_local(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._run("local", x)
+    def run_local(self, x: torch.Tensor, stage: str = "local") -> tuple[torch.Tensor, torch.Tensor]:
+        return self._run(stage, x)

@@ -112,9 +112,10 @@ class TorchBackend:
         if self.device.type == "cuda":
             self.name = "torch-cuda-graphs" if cuda_graphs else "torch-cuda"
         self._global = self._prepare(model.global_net, cuda_graphs)
-        self._local = (
-            None if model.local_net is None else self._prepare(model.local_net, cuda_graphs)
-        )
+        self._local = {
+            stage: self._prepare(model.network(stage), cuda_graphs)
+            for stage in model.stage_names[1:]
+        }
         self._model_name = model.config.name
 
     def _prepare(
@@ -134,8 +135,9 @@ class TorchBackend:
         with torch.inference_mode():
             return self._global(x)
 
-    def run_local(self, x: torch.Tensor) -> Outputs:
-        if self._local is None:
-            raise ModelError(f"model {self._model_name!r} has no local stage")
+    def run_local(self, x: torch.Tensor, stage: str = "local") -> Outputs:
+        net = self._local.get(stage)
+        if net is None:
+            raise ModelError(f"model {self._model_name!r} has no {stage} stage")
         with torch.inference_mode():
-            return self._local(x.to(self.device))
+            return net(x.to(self.device))
