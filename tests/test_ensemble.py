@@ -117,10 +117,9 @@ def test_local_stages_at_two_spacings_average_by_network_count(dim: int, tmp_pat
     """[fine, fine, coarse]: the fine networks are pooled into stage "local" (identical
     members: its vote is the fine model's), the coarse one becomes stage "local2"; the
     result is (2 x fine + 1 x coarse) / 3 of the two single-stage models' results, for
-    every CPU backend, also after saving and loading."""
-    from test_export import small_model
-
+    every backend available here, also after saving and loading."""
     from fastlmk.backends import available_backends
+    from test_export import small_model
 
     fine = small_model(dim, seed=7)
     coarse = _at_spacing(fine, 1.5, seed=8)
@@ -136,7 +135,7 @@ def test_local_stages_at_two_spacings_average_by_network_count(dim: int, tmp_pat
 
     rng = np.random.default_rng(dim)
     image = rng.random((40,) * dim).astype(np.float32)
-    for backend in [b for b in available_backends() if not b.startswith(("torch-cuda", "tensorrt"))]:
+    for backend in available_backends():
         one = localize(image, fine, spacing=1.0, backend=backend)
         two = localize(image, coarse, spacing=1.0, backend=backend)
         expected = (2 * one.points_mm + two.points_mm) / 3
@@ -158,10 +157,9 @@ def test_local_stages_at_two_spacings_average_by_network_count(dim: int, tmp_pat
 
 
 def test_two_scale_model_exports_and_quantizes(tmp_path: Path) -> None:
-    from test_export import small_model
-
     from fastlmk.export import export_onnx
     from fastlmk.quantize import quantize_int8
+    from test_export import small_model
 
     fine = small_model(2, seed=3)
     model = load_model(ensemble_local([fine, _at_spacing(fine, 1.5, seed=4)]).save(tmp_path / "m"))
