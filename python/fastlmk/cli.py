@@ -112,15 +112,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_ensemble(args: argparse.Namespace) -> int:
     from .model import ensemble_local
-    from .networks import EnsembleSpec
 
     model = ensemble_local(list(args.models), name=args.name)
     out = model.save(args.out)
     stages = []
     for stage, spec in model.config.local_stages.items():
-        members = len(spec.network.members) if isinstance(spec.network, EnsembleSpec) else 1
         spacing = " x ".join(f"{s:g}" for s in spec.spacing)
-        stages.append(f"{stage}: {members} network(s) at {spacing} mm")
+        stages.append(f"{stage}: {spec.network_count} network(s) at {spacing} mm")
     print(f"{out}: global network of {args.models[0]}; {'; '.join(stages)}")
     return 0
 

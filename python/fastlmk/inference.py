@@ -19,8 +19,8 @@ from .backends import Backend, get_backend
 from .errors import InvalidImageError
 from .io import as_image
 from .landmarks import Landmarks
-from .model import LandmarkModel, StageSpec, load_model
-from .networks import EnsembleSpec, cell_origin, split_outputs
+from .model import LandmarkModel, load_model
+from .networks import cell_origin, split_outputs
 from .ops import vote
 from .preprocess import StageTensor, orient, prepare_global, stage_geometry, stage_patches
 from .sampling import patch_to_source
@@ -250,11 +250,6 @@ def _localize(
     return result
 
 
-def _members(spec: StageSpec) -> int:
-    """Number of networks pooled in a stage (its weight among local stages)."""
-    return len(spec.network.members) if isinstance(spec.network, EnsembleSpec) else 1
-
-
 def _assemble(
     model: LandmarkModel,
     original: geometry.Geometry,
@@ -302,7 +297,7 @@ def _assemble(
             s_points.append(geometry.index_to_physical(geometry.array_index_to_itk(l_pos), fine))
             s_weight.append(host[:, o + 2 * dim])
             s_spread.append(host[:, o + 2 * dim + 1] * float(np.mean(lstage.spacing)))
-            s_count.append(_members(lstage))
+            s_count.append(lstage.network_count)
         pts = np.stack(s_points)  # (S, L, D)
         valid = np.isfinite(pts).all(axis=2)  # (S, L)
         w = np.array(s_count, dtype=float)[:, None] * valid

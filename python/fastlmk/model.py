@@ -96,6 +96,11 @@ class StageSpec:
     crop_size: tuple[int, ...] = ()
     vote_min_prob: float = 0.0
 
+    @property
+    def network_count(self) -> int:
+        """Networks in the stage: an ensemble's members, else 1."""
+        return len(self.network.members) if isinstance(self.network, EnsembleSpec) else 1
+
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
             "spacing": list(self.spacing),
