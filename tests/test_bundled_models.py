@@ -18,8 +18,13 @@ def test_ceph_model_is_bundled_and_valid() -> None:
     model = fastlmk.load_model("ceph-isbi2015")
     assert model.dim == 2 and len(model.names) == 19 and model.names[0] == "sella"
     assert model.config.local_stage is not None
-    # Two local networks on the same crops, votes pooled (see the README).
+    # Two local networks on the same crops at 0.25 mm, votes pooled, and a second local
+    # stage at 0.4 mm (see the README).
     assert len(model.config.local_stage.network.members) == 2  # type: ignore[union-attr]
+    assert model.config.local_stage.spacing == (0.25, 0.25)
+    assert [(s.spacing, s.network_count) for s in model.config.extra_local_stages] == [
+        ((0.4, 0.4), 1)
+    ]
     files = list(Path(str(model.path)).iterdir())
     assert sum(f.stat().st_size for f in files) <= 30e6
     assert not [f for f in files if f.suffix in (".pt", ".pth", ".pkl", ".bin")]
@@ -46,8 +51,9 @@ def test_ceph_model_on_a_test1_cephalogram(backend: str) -> None:
 
 
 def test_ceph_model_ships_int8_networks() -> None:
-    """The CPU default runs both networks in int8 (the local ones quantized one graph per
-    landmark); on a test1 image the int8 points stay close to the float32 ones."""
+    """The CPU default runs every network in int8 (the local ones quantized one graph per
+    landmark; two local stages, at 0.25 and 0.4 mm); on a test1 image the int8 points
+    stay close to the float32 ones."""
     pytest.importorskip("onnxruntime")
     from fastlmk.backends import get_backend
 
@@ -55,6 +61,7 @@ def test_ceph_model_ships_int8_networks() -> None:
     assert get_backend(model, "onnxruntime").precision == {  # type: ignore[attr-defined]
         "global": "int8",
         "local": "int8",
+        "local2": "int8",
     }
     data = shared_data() / "isbi2015" / "images" / "151.jpg"
     if not data.is_file():

@@ -71,6 +71,38 @@ def test_pooled_vote_is_the_weighted_mean_of_member_votes(dim: int) -> None:
     np.testing.assert_allclose(pooled, num / den[:, None], atol=2e-3)  # pixels
 
 
+def test_confident_background_cells_keep_finite_logits(tmp_path: Path) -> None:
+    """A coarse member's cells with logits far below -88 (sigmoid underflows in float32)
+    still give finite fine-grid logits, logit(sigmoid(x) / 4) ~ x - log 4, in torch and in
+    the exported ONNX graph; -inf there made int8 and float32 outputs differ by inf."""
+    torch.manual_seed(0)
+    net = build_network(2, 1, EnsembleSpec((FINE, COARSE)), groups=2).eval()
+    assert isinstance(net, NetworkEnsemble)
+    coarse = net.members[1]
+    with torch.no_grad():
+        coarse.cls_head.weight.zero_()
+        coarse.cls_head.bias.copy_(torch.tensor([-150.0, 30.0]))
+    x = torch.randn(1, 2, 32, 32)
+    with torch.no_grad():
+        logits, _ = net(x)
+    coarse_logits = logits[0, :, :, 8:].double()  # the coarse member's fine-grid cells
+    assert torch.isfinite(logits).all()
+    np.testing.assert_allclose(coarse_logits[0].numpy(), -150.0 - np.log(4.0), atol=1e-4)
+    expected_high = np.log(1 / (1 + np.exp(-30.0)) / 4) - np.log1p(-1 / (1 + np.exp(-30.0)) / 4)
+    np.testing.assert_allclose(coarse_logits[1].numpy(), expected_high, atol=1e-5)
+
+    import onnxruntime as ort
+
+    from fastlmk.export import _write_atomically
+
+    path = tmp_path / "ensemble.onnx"
+    _write_atomically(net, x, path)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    onnx_logits = session.run(None, {"image": x.numpy()})[0]
+    assert np.isfinite(onnx_logits).all()
+    np.testing.assert_allclose(onnx_logits, logits.numpy(), atol=1e-4)
+
+
 def test_spec_round_trip_and_errors() -> None:
     spec = EnsembleSpec((FINE, COARSE))
     assert network_spec_from_dict(spec.to_dict()) == spec
@@ -236,3 +268,42 @@ def test_ensemble_command(model_2d: Path, tmp_path: Path, capsys: pytest.Capture
     model = load_model(out)
     assert model.config.name == "e" and isinstance(model.local_net, NetworkEnsemble)
     assert main(["ensemble", str(model_2d), "--out", str(tmp_path / "one")]) != 0
+
+
+def test_float16_weights_halve_the_files_and_load_as_float32(
+    model_2d: Path, phantom_2d: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from fastlmk.cli import main
+
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert main(["ensemble", str(model_2d), str(model_2d), "--out", str(full)]) == 0
+    args = ["ensemble", str(model_2d), str(model_2d), "--out", str(half), "--weights", "float16"]
+    assert main(args) == 0
+    capsys.readouterr()
+    for stage in ("global", "local"):
+        ratio = (half / f"{stage}.safetensors").stat().st_size / (
+            full / f"{stage}.safetensors"
+        ).stat().st_size
+        assert 0.45 < ratio < 0.6, (stage, ratio)
+    a, b = load_model(full), load_model(half)
+    for stage in a.stage_names:
+        sa, sb = a.network(stage).state_dict(), b.network(stage).state_dict()
+        for key, t in sa.items():
+            assert sb[key].dtype == t.dtype  # float32 networks again
+            if t.is_floating_point():
+                # exactly the float32 weight rounded to float16 and back
+                assert torch.equal(sb[key], t.half().float()), key
+            else:
+                assert torch.equal(sb[key], t), key
+    image = phantom_2d / "images" / "phantom060.mha"
+    pa = localize(image, a, backend="torch").points_mm
+    pb = localize(image, b, backend="torch").points_mm
+    assert np.abs(pa - pb).max() < 0.05  # mm, on 1 mm pixels
+    assert not np.array_equal(pa, pb)  # the rounding did happen
+
+    with pytest.raises(ModelError, match="weights_dtype"):
+        a.save(tmp_path / "x", weights_dtype="bfloat16")
+    with torch.no_grad():
+        next(a.global_net.parameters()).view(-1)[0] = 1e6
+    with pytest.raises(ModelError, match="exceeds"):
+        a.save(tmp_path / "y", weights_dtype="float16")

@@ -114,7 +114,7 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
     from .model import ensemble_local
 
     model = ensemble_local(list(args.models), name=args.name)
-    out = model.save(args.out)
+    out = model.save(args.out, weights_dtype=args.weights)
     stages = []
     for stage, spec in model.config.local_stages.items():
         spacing = " x ".join(f"{s:g}" for s in spec.spacing)
@@ -228,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="models; the first gives the global network")
     p.add_argument("--out", required=True, help="output model directory")
     p.add_argument("--name", help="model name (default: the first model's)")
+    p.add_argument(
+        "--weights",
+        choices=["float32", "float16"],
+        default="float32",
+        help="storage type of the weights (float16: half the size; loaded as float32)",
+    )
     p.set_defaults(func=_cmd_ensemble)
 
     p = sub.add_parser("bench", help="time localize on one image with each backend")

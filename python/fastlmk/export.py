@@ -178,9 +178,8 @@ def _write_atomically(net: torch.nn.Module, example: torch.Tensor, path: Path) -
 
 
 def max_abs_difference(a: np.ndarray, b: np.ndarray) -> float:
-    """Largest ``|a - b|`` in float64; equal infinities (an ensemble's ``-inf`` logits
-    where a member has no cell) count as equal, and a NaN or an unmatched infinity as
-    ``inf``, so that a broken output can never look like a match."""
+    """Largest ``|a - b|`` in float64; equal infinities count as equal, and a NaN or an
+    unmatched infinity as ``inf``, so that a broken output can never look like a match."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     with np.errstate(invalid="ignore"):
         diff = np.where(a64 == b64, 0.0, np.abs(a64 - b64))

@@ -331,12 +331,31 @@ class LandmarkModel:
     def dim(self) -> int:
         return self.config.dim
 
-    def save(self, directory: str | Path) -> Path:
-        """Write ``model.json`` and safetensors weights to ``directory`` (created)."""
+    def save(self, directory: str | Path, weights_dtype: str = "float32") -> Path:
+        """Write ``model.json`` and safetensors weights to ``directory`` (created).
+
+        Args:
+            directory: Output directory.
+            weights_dtype: ``"float32"`` (default) or ``"float16"``: the floating-point
+                tensors stored at half the size (for a bundled model that must stay
+                small). Loading always gives float32 networks; float16 storage rounds
+                each weight to 11 significant bits (relative error <= 4.9e-4).
+
+        Raises:
+            ModelError: unknown ``weights_dtype``, or a weight outside float16's range.
+        """
+        if weights_dtype not in _WEIGHT_DTYPES:
+            raise ModelError(
+                f"weights_dtype must be one of {', '.join(_WEIGHT_DTYPES)}, got {weights_dtype!r}"
+            )
+        dtype = _WEIGHT_DTYPES[weights_dtype]
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         for stage in self.stage_names:
-            save_file(_state(self.network(stage)), str(out / f"{stage}.safetensors"))
+            state = _state(self.network(stage))
+            if dtype != torch.float32:
+                state = _cast_floats(state, dtype, f"{self.config.name!r} {stage}")
+            save_file(state, str(out / f"{stage}.safetensors"))
         (out / "model.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
         return out
 
@@ -350,6 +369,25 @@ class LandmarkModel:
 
 def _state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+
+
+_WEIGHT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def _cast_floats(
+    state: dict[str, torch.Tensor], dtype: torch.dtype, what: str
+) -> dict[str, torch.Tensor]:
+    """Floating-point tensors of ``state`` cast to ``dtype``; integer ones (BatchNorm's
+    batch counter) unchanged. A finite value that would overflow is an error, not inf."""
+    limit = torch.finfo(dtype).max
+    cast = {}
+    for key, t in state.items():
+        if t.is_floating_point():
+            if t.abs().max() > limit:
+                raise ModelError(f"model {what}: weight {key} exceeds the {dtype} range")
+            t = t.to(dtype)
+        cast[key] = t
+    return cast
 
 
 def _load_weights(net: torch.nn.Module, path: Path) -> None:

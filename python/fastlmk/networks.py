@@ -15,6 +15,7 @@ independent.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -312,8 +313,11 @@ class NetworkEnsemble(nn.Module):
         pixels = torch.sign(d) * (torch.pow(10.0, d.abs()) - 1.0)  # inverse signed-log10
         if k > 1:
             # Probability p spread evenly over the k**D fine cells: logit(p / k**D).
+            # log(p) as -softplus(-x): log(sigmoid(x)) underflows to -inf below x ~ -88
+            # in float32, and int8 and float32 networks would then disagree by inf.
             q = torch.sigmoid(logits) / float(k**dim)
-            logits = torch.log(q) - torch.log1p(-q)
+            log_q = -nn.functional.softplus(-logits) - math.log(k**dim)
+            logits = log_q - torch.log1p(-q)
             for axis in range(dim):
                 logits = logits.repeat_interleave(k, dim=2 + axis)
                 pixels = pixels.repeat_interleave(k, dim=3 + axis)
