@@ -188,6 +188,43 @@ def test_local_stages_at_two_spacings_average_by_network_count(dim: int, tmp_pat
             )
 
 
+def test_onnxruntime_runs_local_stages_side_by_side(tmp_path: Path) -> None:
+    """With two local stages and two cores ONNX Runtime runs the stages side by side, one
+    core each; the outputs equal the one-after-the-other ones (one session per stage,
+    all cores), and the localized points too."""
+    pytest.importorskip("onnxruntime")
+    from fastlmk.backends import run_local_stages
+    from fastlmk.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fastlmk.inference import _localize
+    from test_export import small_model
+
+    fine = small_model(2, seed=5)
+    model = load_model(ensemble_local([fine, _at_spacing(fine, 1.5, seed=6)]).save(tmp_path / "m"))
+    both = OnnxRuntimeBackend(model, threads=2)
+    alone = OnnxRuntimeBackend(model, threads=1)
+    assert both.threads == {"global": 2, "local": 1, "local2": 1}
+    assert alone.threads == {"global": 1, "local": 1, "local2": 1}
+    rng = np.random.default_rng(1)
+    crops = {
+        s: torch.from_numpy(rng.random((1, 3, 16, 16), dtype=np.float32))
+        for s in ("local", "local2")
+    }
+    ref = {s: alone.run_local(x, s) for s, x in crops.items()}
+    for _ in range(2):
+        got = run_local_stages(both, crops)
+        assert set(got) == {"local", "local2"}
+        for s in crops:
+            for a, b in zip(got[s], ref[s], strict=True):
+                np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5)
+        both._pool_pid = -1  # as in a forked child: the pool must be made anew, not hang
+    image = rng.random((40, 40)).astype(np.float32)
+    np.testing.assert_allclose(
+        _localize(image, model, spacing=1.0, backend=both).points_mm,
+        _localize(image, model, spacing=1.0, backend=alone).points_mm,
+        atol=1e-4,
+    )
+
+
 def test_two_scale_model_exports_and_quantizes(tmp_path: Path) -> None:
     from fastlmk.export import export_onnx
     from fastlmk.quantize import quantize_int8

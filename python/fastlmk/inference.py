@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import geometry
-from .backends import Backend, get_backend
+from .backends import Backend, get_backend, run_local_stages
 from .errors import InvalidImageError
 from .io import as_image
 from .landmarks import Landmarks
@@ -96,18 +96,15 @@ def run_global(
     return v
 
 
-def run_local(
+def local_crops(
     model: LandmarkModel,
     x: torch.Tensor,
     geom: geometry.Geometry,
     centres: torch.Tensor,
     value_range: torch.Tensor,
-    backend: Backend,
-    mark: Mark = _no_mark,
     stage: str = "local",
-) -> StageVote:
-    """Local stage: crops of the fine stage image around ``centres``, the L local
-    networks as one grouped call, a vote, mapped back to the fine stage image.
+) -> torch.Tensor:
+    """Input of a local stage's networks: crops of the fine stage image around ``centres``.
 
     Args:
         model: The model.
@@ -115,24 +112,33 @@ def run_local(
         geom: Geometry of ``x``.
         centres: ``(L, D)`` crop centres, continuous fine-stage index, array order.
         value_range: Intensities mapped to 0 and 1 (from the global stage).
-        backend: Runs the networks.
-        mark: Called after each step with its name.
         stage: Which local stage (``"local"``, ``"local2"``, ...): its spacing is the
             fine stage's.
 
     Returns:
-        The local vote, positions as continuous fine-stage indices (array order).
+        ``(1, L, *P)`` crops, one channel per landmark (the grouped networks' input).
     """
     spec = model.config.local_stages.get(stage)
     if spec is None:
         raise ValueError(f"model has no {stage} stage")
-    crops = stage_patches(x, geom, spec.spacing, centres, spec.crop_size, value_range)[None]
-    mark("crop")
-    logits, disp = backend.run_local(crops, stage)
-    mark("local")
+    return stage_patches(x, geom, spec.spacing, centres, spec.crop_size, value_range)[None]
+
+
+def local_vote(
+    model: LandmarkModel,
+    logits: torch.Tensor,
+    disp: torch.Tensor,
+    centres: torch.Tensor,
+    stage: str = "local",
+) -> StageVote:
+    """A local stage's vote from its networks' outputs on the crops around ``centres``.
+
+    Returns:
+        The vote, positions as continuous fine-stage indices (array order).
+    """
+    spec = model.config.local_stages[stage]
     local = _vote(logits[0], disp[0], model.dim, spec.network.stride, spec.vote_min_prob)
     pos = patch_to_source(local.position[None], centres[None].double(), spec.crop_size)[0]
-    mark("local_vote")
     return StageVote(pos, local.weight, local.spread)
 
 
@@ -229,6 +235,7 @@ def _localize(
     g = run_global(model, coarse, runner, mark)
     # Device-side results, gathered into one host transfer at the end.
     outputs = [g.position, g.weight[:, None], g.spread[:, None]]
+    starts, crops = {}, {}
     for stage, lstage in cfg.local_stages.items():
         fine = stage_geometry(geom, lstage.spacing)
         # Both grids share origin and direction: an index scales by the spacing ratio.
@@ -240,9 +247,17 @@ def _localize(
         centres = g.position * scale
         have = torch.isfinite(centres).all(dim=1, keepdim=True)
         middle = (torch.tensor(fine.size[::-1], dtype=torch.float64, device=x.device) - 1) / 2
-        start = torch.where(have, centres, middle)
-        loc = run_local(model, x, geom, start, value_range, runner, mark, stage)
-        outputs += [start, loc.position, loc.weight[:, None], loc.spread[:, None]]
+        starts[stage] = torch.where(have, centres, middle)
+        crops[stage] = local_crops(model, x, geom, starts[stage], value_range, stage)
+    if crops:
+        mark("crop")
+        # All local stages in one call: a backend may run them side by side.
+        nets = run_local_stages(runner, crops)
+        mark("local")
+        for stage, start in starts.items():
+            loc = local_vote(model, *nets[stage], start, stage)
+            outputs += [start, loc.position, loc.weight[:, None], loc.spread[:, None]]
+        mark("local_vote")
     host = torch.cat(outputs, dim=1).cpu().numpy()
     mark("to_host")
     result = _assemble(model, original, img, geom, host, name)

@@ -38,6 +38,7 @@ __all__ = [
     "available_backends",
     "get_backend",
     "resolve_backend",
+    "run_local_stages",
 ]
 
 BACKENDS = (
@@ -67,6 +68,19 @@ class Backend(Protocol):
     def run_local(
         self, x: torch.Tensor, stage: str = "local"
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+def run_local_stages(
+    backend: Backend, crops: dict[str, torch.Tensor]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Run the networks of several local stages: ``{stage: crops}`` -> ``{stage: (logits,
+    displacements)}``. A backend with a ``run_local_stages`` method of its own may run
+    them side by side (ONNX Runtime does, on its own threads); otherwise one after the
+    other with :meth:`Backend.run_local`."""
+    own = getattr(backend, "run_local_stages", None)
+    if own is not None:
+        return own(crops)
+    return {stage: backend.run_local(x, stage) for stage, x in crops.items()}
 
 
 def _importable(module: str) -> bool:
