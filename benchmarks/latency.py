@@ -229,21 +229,19 @@ def time_backends(model: LandmarkModel, image: sitk.Image, backends: list[str], 
     order = random.Random(0)
     for _ in range(repeats):
         for backend in order.sample(backends, len(backends)):
-            run: dict[str, float] = {}  # a model with several local stages marks theirs twice
+            steps = per_step[backend]
             sync()
             last = start = time.perf_counter()
 
-            def mark(step: str, run: dict[str, float] = run) -> None:
+            def mark(step: str, steps: dict[str, list[float]] = steps) -> None:
                 nonlocal last
                 sync()
                 now = time.perf_counter()
-                run[step] = run.get(step, 0.0) + 1e3 * (now - last)
+                steps[step].append(1e3 * (now - last))
                 last = now
 
             _localize(image, model, backend=backend, mark=mark)
             total[backend].append(1e3 * (time.perf_counter() - start))
-            for step, ms in run.items():
-                per_step[backend][step].append(ms)
     out = {}
     for backend in backends:
         timing: dict[str, Any] = {

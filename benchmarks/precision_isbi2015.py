@@ -84,7 +84,7 @@ def run_variant(model: fastlmk.LandmarkModel, backend: Any, images: dict[str, An
             def mark(step: str, steps: dict[str, float] = steps) -> None:
                 nonlocal last
                 now = time.perf_counter()
-                steps[step] = steps.get(step, 0.0) + now - last  # summed over local stages
+                steps[step] = now - last
                 last = now
 
             lm = _localize(image, model, backend=backend, mark=mark)

@@ -121,6 +121,7 @@ class OnnxRuntimeBackend:
         local_stages = [s for s in files if s != "global"]
         # Several local stages run side by side, each on its share of the cores.
         self._side_by_side = len(local_stages) > 1 and cores > 1
+        self._local_count = len(local_stages)
         local_threads = max(1, cores // len(local_stages)) if self._side_by_side else cores
 
         def options(intra: int) -> Any:
@@ -169,7 +170,7 @@ class OnnxRuntimeBackend:
             return {stage: self._run(stage, x) for stage, x in crops.items()}
         if self._pool is None or self._pool_pid != os.getpid():
             # A forked child inherits the pool object but not its threads: make a new one.
-            self._pool = ThreadPoolExecutor(len(self._sessions) - 1, "fastlmk-ort")
+            self._pool = ThreadPoolExecutor(self._local_count, "fastlmk-ort")
             self._pool_pid = os.getpid()
         futures = {stage: self._pool.submit(self._run, stage, x) for stage, x in crops.items()}
         return {stage: f.result() for stage, f in futures.items()}
