@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fastlmk.evaluate import evaluate, format_report, mean_table
+from fastlmk.evaluate import evaluate, format_report, mean_table, systematic_offset
 
 
 def test_metrics_on_known_errors() -> None:
@@ -38,3 +38,29 @@ def test_several_references_and_their_mean() -> None:
 def test_no_common_images_is_an_error() -> None:
     with pytest.raises(ValueError, match="no image"):
         evaluate({"x": {}}, {"r": {"y": {"p": np.zeros(2)}}})
+
+
+def test_systematic_offset_separates_a_constant_shift_from_scatter() -> None:
+    ref = {
+        "a": {"p": np.array([0.0, 0.0])},
+        "b": {"p": np.array([5.0, 5.0])},
+        "c": {"p": np.array([1.0, 1.0])},
+    }
+    # Offsets (1, 1) and (1, -1): mean (1, 0), mean squared error 2 -> half of it is
+    # the constant shift. Image c has no finite prediction and is left out.
+    pred = {
+        "a": {"p": np.array([1.0, 1.0])},
+        "b": {"p": np.array([6.0, 4.0])},
+        "c": {"p": np.array([np.nan, 0.0])},
+    }
+    s = systematic_offset(pred, ref, "p")
+    np.testing.assert_allclose(s["offset_mm"], [1.0, 0.0])
+    assert s["offset_norm_mm"] == pytest.approx(1.0)
+    assert s["offset_share"] == pytest.approx(0.5)
+    assert s["n"] == 2
+    per = evaluate(pred, {"r": ref})["references"]["r"]["per_landmark"]["p"]
+    assert per["systematic"]["offset_share"] == pytest.approx(0.5)
+    # Pure scatter around the reference has no systematic part; no pairs gives NaN.
+    sym = {"a": {"p": np.array([1.0, 0.0])}, "b": {"p": np.array([4.0, 5.0])}}
+    assert systematic_offset(sym, ref, "p")["offset_share"] == pytest.approx(0.0)
+    assert np.isnan(systematic_offset({}, ref, "p")["offset_norm_mm"])

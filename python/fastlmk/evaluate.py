@@ -9,7 +9,14 @@ import numpy as np
 
 from .landmark_files import LandmarkTable
 
-__all__ = ["DEFAULT_THRESHOLDS_MM", "evaluate", "format_report", "mean_table", "radial_errors"]
+__all__ = [
+    "DEFAULT_THRESHOLDS_MM",
+    "evaluate",
+    "format_report",
+    "mean_table",
+    "radial_errors",
+    "systematic_offset",
+]
 
 DEFAULT_THRESHOLDS_MM = (2.0, 2.5, 3.0, 4.0)
 
@@ -40,6 +47,49 @@ def radial_errors(pred: LandmarkTable, ref: LandmarkTable) -> dict[str, dict[str
             ok = p is not None and np.all(np.isfinite(p))
             errors[image_id][name] = float(np.linalg.norm(np.asarray(p) - truth)) if ok else np.inf
     return errors
+
+
+def systematic_offset(pred: LandmarkTable, ref: LandmarkTable, name: str) -> dict[str, Any]:
+    """Mean signed offset of one landmark's predictions from the reference.
+
+    A model that is right on average scatters around the reference (offset near zero);
+    a consistent offset means the model places the point where another convention
+    would (for example the training annotators' habit), which no amount of averaging
+    removes.
+
+    Args:
+        pred: Predicted landmarks (image id -> name -> mm, in the tables' coordinate
+            system, e.g. LPS for images read by fastlmk).
+        ref: Reference landmarks, same layout.
+        name: The landmark.
+
+    Returns:
+        ``offset_mm``: mean of ``pred - ref`` per axis (same axis order as the points),
+        over the images where both are finite; ``offset_norm_mm``: its length;
+        ``offset_share``: ``|offset|^2 / mean(|pred - ref|^2)``, the fraction of the
+        mean squared error that the constant offset explains (0 to 1); ``n``: images
+        used. NaN entries when no image has both points.
+    """
+    diffs = []
+    for image_id, points in ref.items():
+        p = pred.get(image_id, {}).get(name)
+        if name not in points or p is None:
+            continue
+        d = np.asarray(p, dtype=np.float64) - np.asarray(points[name], dtype=np.float64)
+        if np.all(np.isfinite(d)):
+            diffs.append(d)
+    if not diffs:
+        nan = float("nan")
+        return {"offset_mm": [], "offset_norm_mm": nan, "offset_share": nan, "n": 0}
+    d = np.stack(diffs)
+    mean = d.mean(axis=0)
+    mse = float((d**2).sum(axis=1).mean())
+    return {
+        "offset_mm": [float(v) for v in mean],
+        "offset_norm_mm": float(np.linalg.norm(mean)),
+        "offset_share": float((mean**2).sum() / mse) if mse > 0 else 0.0,
+        "n": int(d.shape[0]),
+    }
 
 
 def _summary(e: np.ndarray, thresholds: Sequence[float]) -> dict[str, Any]:
@@ -74,6 +124,7 @@ def _metrics(
     out["images"] = len(errs)
     out["per_landmark"] = {
         n: _summary(np.array([pts[n] for pts in errs.values() if n in pts]), thresholds)
+        | {"systematic": systematic_offset(pred, ref, n)}
         for n in names
     }
     out["per_image"] = {i: float(np.mean(list(p.values()))) for i, p in errs.items()}
@@ -95,7 +146,8 @@ def evaluate(
 
     Returns:
         ``{"references": {name: metrics}}`` where metrics hold ``mre_mm``, ``median_mm``,
-        ``std_mm``, ``sdr_percent`` (per threshold), ``per_landmark`` and ``per_image``.
+        ``std_mm``, ``sdr_percent`` (per threshold), ``per_landmark`` (the same per landmark,
+        plus ``systematic``: :func:`systematic_offset`) and ``per_image``.
     """
     if not references:
         raise ValueError("evaluate needs at least one reference")
