@@ -14,7 +14,8 @@ between the two, a model that learned the train split's mean sits off the evalua
 split's mean by a constant. A diagnostic (not a result: it uses the evaluated labels)
 measures how much of the error those constants are: each landmark's mean offset,
 estimated on one random half of the images, is removed from the other half, both ways,
-over 50 random halvings. ``--split val`` evaluates
+over 50 random halvings. Last, the label noise of the mean of the two annotators: what a
+predictor of the true point would score against it. ``--split val`` evaluates
 the validation images recorded in the model's training metadata (for tuning; test1 is
 for the final report only).
 """
@@ -89,6 +90,29 @@ def _annotator_offsets(
             "distance_mm": float(np.linalg.norm(d, axis=1).mean()),
         }
     return out
+
+
+def _label_noise_floor(
+    senior: LandmarkTable, junior: LandmarkTable, ids: list[str]
+) -> dict[str, Any]:
+    """Error that a predictor of the true point would show against the annotators' mean.
+
+    If each annotator's random error is zero-mean Gaussian and independent of the
+    other's, the mean label's error ``(n_s + n_j) / 2`` has the distribution of
+    ``(n_s - n_j) / 2``, which the annotations show directly once each landmark's constant
+    senior-minus-junior offset is taken out.
+    """
+    names = list(senior[ids[0]])
+    radii = []
+    for name in names:
+        d = np.array([np.asarray(senior[i][name]) - np.asarray(junior[i][name]) for i in ids])
+        radii.append(np.linalg.norm(d - d.mean(axis=0), axis=1) / 2)
+    r = np.concatenate(radii)
+    return {
+        "note": "zero-mean, independent, Gaussian annotator errors assumed",
+        "mre_mm": float(r.mean()),
+        "sdr_percent": {f"{t:g}": float(100 * np.mean(r <= t)) for t in (2.0, 2.5, 3.0, 4.0)},
+    }
 
 
 def _offsets_removed(
@@ -212,6 +236,11 @@ def main() -> int:
             f"{name:<24s} {m['mre_mm']:5.2f} {off:>20s} ({sy['offset_norm_mm']:.2f}) "
             f"{100 * sy['offset_share']:5.1f}%  {a_tr:>21s} {a_ev:>13s}"
         )
+    floor = _label_noise_floor(senior, junior, ids)
+    print(
+        f"label noise of the mean of annotators: a predictor of the true point would score "
+        f"MRE {floor['mre_mm']:.2f} mm, SDR@2mm {floor['sdr_percent']['2']:.1f} %"
+    )
     diagnostic = _offsets_removed(final, refs["mean"], ids)
     if "mre_mm" in diagnostic:
         print(
@@ -237,6 +266,7 @@ def main() -> int:
         "stages": stages,
         "inter_observer_junior_vs_senior": observer,
         "annotator_offsets": annotators,
+        "label_noise_floor": floor,
         "diagnostic_offsets_removed": diagnostic,
         "localize_ms": {
             "median": float(np.median(t)),
