@@ -301,6 +301,23 @@ def test_truncated_file(tmp_path: Path, suffix: str) -> None:
         read_image(path)
 
 
+def test_truncated_jpeg_is_refused_and_trailing_metadata_is_not(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    path = tmp_path / "x.jpg"
+    sitk.WriteImage(sitk.GetImageFromArray(rng.integers(0, 255, (300, 200), np.uint8)), path)
+    data = path.read_bytes()
+    assert data.endswith(b"\xff\xd9")
+    whole = sitk.GetArrayFromImage(read_image(path, spacing=0.1))
+    # Bytes after the end-of-image marker (appended metadata) are harmless.
+    (tmp_path / "tail.jpg").write_bytes(data + b"metadata" * 100)
+    np.testing.assert_array_equal(
+        sitk.GetArrayFromImage(read_image(tmp_path / "tail.jpg", spacing=0.1)), whole
+    )
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
+    with pytest.raises(InvalidImageError, match=r"cut\.jpg: truncated JPEG"):
+        read_image(tmp_path / "cut.jpg", spacing=0.1)
+
+
 def test_empty_missing_and_garbage_files(tmp_path: Path) -> None:
     (tmp_path / "empty.nii.gz").write_bytes(b"")
     with pytest.raises(InvalidImageError, match="empty"):

@@ -9,7 +9,9 @@ only be met by finding the structures.
 
 from __future__ import annotations
 
+import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ import pytest
 from fastlmk import load_model, localize
 from fastlmk.inference import errors_mm
 from fastlmk.landmark_files import read_landmark_csv
+from fastlmk.train import TrainConfigError, train
 
 THRESHOLD_MM = {2: 1.5, 3: 2.5}
 
@@ -209,3 +212,44 @@ def test_shipped_training_configs_are_valid(path: Path) -> None:
     assert config.global_stage.spacing == tuple(cfg["global"]["spacing"])
     if "global_from" in cfg.get("train", {}):
         assert Path(cfg["train"]["global_from"]).is_absolute()
+
+
+def _phantom_with_edited_landmarks(
+    phantom_2d: Path, tmp_path: Path, edit: Callable[[list[list[str]]], None]
+) -> dict:
+    from fastlmk.phantoms import phantom_training_config
+
+    with (phantom_2d / "landmarks.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    edit(rows)
+    with (tmp_path / "landmarks.csv").open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    cfg = phantom_training_config(phantom_2d, 2, iterations=2, output=tmp_path / "m")
+    cfg["data"]["landmarks"] = [str(tmp_path / "landmarks.csv")]
+    return cfg
+
+
+def test_misspelt_landmark_and_point_outside_the_image_are_reported(
+    phantom_2d: Path, tmp_path: Path
+) -> None:
+    def edit(rows: list[list[str]]) -> None:
+        rows[1][1] = "apexx"  # first image's first landmark, misspelt
+        rows[2][2] = "5037.0"  # first image's second landmark, far outside
+
+    lines: list[str] = []
+    train(_phantom_with_edited_landmarks(phantom_2d, tmp_path, edit), log=lines.append)
+    text = "\n".join(lines)
+    assert "'apexx' on 1 of" in text and "'apex' on" in text
+    assert "1 annotated point(s) outside their image" in text
+    assert "phantom000/large_blob" in text
+
+
+def test_many_points_outside_the_images_mean_a_wrong_convention(
+    phantom_2d: Path, tmp_path: Path
+) -> None:
+    def edit(rows: list[list[str]]) -> None:
+        for row in rows[1:]:
+            row[2] = str(float(row[2]) * 10)  # e.g. pixel indices given as mm
+
+    with pytest.raises(TrainConfigError, match=r"outside their images.*LPS coordinates in mm"):
+        train(_phantom_with_edited_landmarks(phantom_2d, tmp_path, edit), log=lambda m: None)

@@ -217,6 +217,30 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
+def _check_jpeg_complete(path: Path) -> None:
+    """Raise if a JPEG file lacks its end-of-image marker (a truncated download or copy).
+
+    The JPEG reader only prints "Premature end of JPEG file" and fills the missing rows
+    with grey, which would be localized as if it were anatomy. Some writers append
+    metadata after the marker, so the last 4 KiB are searched rather than the last two
+    bytes; inside the compressed data an 0xFF byte is always followed by 0x00 or a restart
+    marker, so 0xFF 0xD9 there is the real end.
+    """
+    if path.suffix.lower() not in (".jpg", ".jpeg"):
+        return
+    try:
+        with path.open("rb") as f:
+            start = f.read(2)
+            f.seek(max(path.stat().st_size - 4096, 0))
+            tail = f.read()
+    except OSError as exc:
+        raise InvalidImageError(f"{path}: cannot read file ({exc}).") from exc
+    if start == b"\xff\xd8" and b"\xff\xd9" not in tail:
+        raise InvalidImageError(
+            f"{path}: truncated JPEG file (no end-of-image marker). Re-export or re-download it."
+        )
+
+
 def read_image(
     path: str | os.PathLike[str],
     *,
@@ -270,6 +294,7 @@ def read_image(
             if path.stat().st_size == 0:
                 raise InvalidImageError(f"{path}: file is empty (0 bytes).")
             _check_nifti_complete(path)
+            _check_jpeg_complete(path)
             image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()

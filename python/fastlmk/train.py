@@ -228,6 +228,26 @@ def _model_config(cfg: dict[str, Any], dim: int, names: list[str]) -> ModelConfi
     )
 
 
+def _landmark_names(table: LandmarkTable, ids: list[str], log: Callable[[str], None]) -> list[str]:
+    """Every landmark name of the training images, in order of first appearance.
+
+    Names annotated on only some images are legitimate (partly annotated data trains
+    with the missing points left out) but are also what a misspelt name looks like, so
+    they are reported.
+    """
+    counts: dict[str, int] = {}
+    for image_id in ids:
+        for name in table[image_id]:
+            counts[name] = counts.get(name, 0) + 1
+    partial = [f"{n!r} on {c} of {len(ids)}" for n, c in counts.items() if c < len(ids)]
+    if partial:
+        log(
+            "warning: landmarks not annotated on every image (check the spelling if this "
+            f"is unexpected): {'; '.join(partial[:10])}"
+        )
+    return list(counts)
+
+
 def _prepare(
     image_ids: list[str],
     files: dict[str, Path],
@@ -237,6 +257,7 @@ def _prepare(
     log: Callable[[str], None],
 ) -> list[_Sample]:
     out = []
+    outside: list[str] = []
     t0 = time.perf_counter()
     for image_id in image_ids:
         img = orient(read_image(files[image_id], spacing=spacing), config.orientation)
@@ -244,7 +265,14 @@ def _prepare(
             raise TrainConfigError(
                 f"image {image_id} is {img.GetDimension()}D; the landmarks are {config.dim}D"
             )
-        truth = table[image_id]
+        truth = {n: p for n, p in table[image_id].items() if n in config.landmarks}
+        for name, point in list(truth.items()):
+            index = img.TransformPhysicalPointToContinuousIndex([float(v) for v in point])
+            if not all(-0.5 <= i <= n - 0.5 for i, n in zip(index, img.GetSize(), strict=True)):
+                # Trained on, it would teach a position the image does not show; it is
+                # left out like an unannotated point, and counted (see _check_outside).
+                outside.append(f"{image_id}/{name}")
+                del truth[name]
         pts = np.array([truth.get(n, np.full(config.dim, np.nan)) for n in config.landmarks])
         coarse, value_range = stage_image(img, config.global_stage.spacing, None, config.intensity)
         sample = _Sample(
@@ -254,15 +282,36 @@ def _prepare(
             torch.from_numpy(coarse.physical_to_index(pts)).float(),
             None,
             None,
-            {n: p for n, p in truth.items() if n in config.landmarks},
+            truth,
         )
         if config.local_stage is not None:
             fine, _ = stage_image(img, config.local_stage.spacing, value_range, config.intensity)
             sample.fine = torch.from_numpy(fine.array)[None, None]
             sample.fine_lm = torch.from_numpy(fine.physical_to_index(pts)).float()
         out.append(sample)
+    _check_outside(outside, sum(len(table[i]) for i in image_ids), log)
     log(f"prepared {len(out)} images in {time.perf_counter() - t0:.1f} s")
     return out
+
+
+def _check_outside(outside: list[str], total: int, log: Callable[[str], None]) -> None:
+    """Warn about annotated points outside their image; refuse when they are common.
+
+    A few can be genuine (a structure cut off by the field of view); many mean the
+    coordinates are in another convention (pixels instead of mm, RAS instead of LPS).
+    """
+    if not outside:
+        return
+    if len(outside) > max(1, total // 10):
+        raise TrainConfigError(
+            f"{len(outside)} of {total} annotated points lie outside their images (e.g. "
+            f"{', '.join(outside[:3])}); landmark files must hold LPS coordinates in mm "
+            "(pixel index x spacing for 2D image files), check the convention"
+        )
+    log(
+        f"warning: {len(outside)} annotated point(s) outside their image left out of "
+        f"training: {', '.join(outside[:10])}"
+    )
 
 
 def network_loss(
@@ -382,7 +431,7 @@ class _Trainer:
             log(f"warning: {len(missing)} annotated images have no image file (e.g. {missing[0]})")
         if not ids:
             raise TrainConfigError("no image has both an image file and landmarks")
-        names = list(cfg.get("landmarks") or table[ids[0]].keys())
+        names = list(cfg.get("landmarks") or _landmark_names(table, ids, log))
         dim = len(next(iter(table[ids[0]].values())))
         self.config = _model_config(cfg, dim, names)
         train_ids, val_ids = _split(ids, data, rng)
