@@ -180,3 +180,85 @@ def test_localize_matches_the_reference_pipeline(
         # 0.01 mm is 1/100 of a phantom pixel: any real preprocessing or network error
         # (a half-pixel shift, a wrong crop, a wrong weight) moves points much further.
         np.testing.assert_allclose(got, expected, atol=0.01)
+
+
+@pytest.mark.skipif("onnxruntime" not in BACKENDS, reason="onnxruntime is not installed")
+def test_bundled_models_run_their_shipped_onnx_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The ONNX files shipped with the bundled models are recorded as exported from their
+    weights: they are used as they are, with no warning and nothing exported."""
+    import warnings
+
+    from fastlmk.backends.onnxruntime_backend import OnnxRuntimeBackend
+    from fastlmk.export import StaleOnnxWarning, onnx_files
+
+    monkeypatch.setenv("FASTLMK_CACHE_DIR", str(tmp_path / "cache"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", StaleOnnxWarning)
+        ceph = load_model("ceph-isbi2015")
+        runner = OnnxRuntimeBackend(ceph)
+        here = Path(str(ceph.path))
+        assert runner.files == {s: here / f"{s}.int8.onnx" for s in ("global", "local", "local2")}
+        assert set(runner.precision.values()) == {"int8"}
+        afids = load_model("afids-mni152")
+        here = Path(str(afids.path))
+        assert onnx_files(afids) == {s: here / f"{s}.onnx" for s in ("global", "local")}
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.skipif("onnxruntime" not in BACKENDS, reason="onnxruntime is not installed")
+def test_int8_files_of_replaced_weights_are_not_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy of the cephalometric model whose global weights are zeroed (a stand-in for
+    retrained ones) while its global.int8.onnx stays: the default backend must not give
+    the intact model's answer, but the answer of the weights in the directory."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from conftest import shared_data
+    from fastlmk import read_image
+    from fastlmk.export import StaleOnnxWarning
+
+    path = shared_data() / "isbi2015" / "images" / "155.jpg"
+    if not path.is_file():
+        pytest.skip(f"ISBI 2015 data not found at {path}")
+    monkeypatch.setenv("FASTLMK_CACHE_DIR", str(tmp_path / "cache"))
+    directory = tmp_path / "ceph"
+    shutil.copytree(Path(str(load_model("ceph-isbi2015").path)), directory)
+    weights = str(directory / "global.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in load_file(weights).items()}, weights)
+    image = read_image(path, spacing=0.1)
+    intact = localize(image, "ceph-isbi2015").points_mm
+
+    model = load_model(directory)
+    with pytest.warns(StaleOnnxWarning, match=r"global\.int8\.onnx was exported from other"):
+        runner = get_backend(model, "onnxruntime")
+    # The global network runs in float32, exported from the zeroed weights; the local
+    # int8 files still belong to the local weights, which did not change.
+    assert runner.precision == {"global": "fp32", "local": "int8", "local2": "int8"}  # type: ignore[attr-defined]
+    assert runner.files["global"].is_relative_to(tmp_path / "cache")  # type: ignore[attr-defined]
+    got = localize(image, model).points_mm
+    assert np.linalg.norm(got - intact, axis=1).min() > 10.0  # mm: not the old answer
+    torch_points = localize(image, model, backend="torch").points_mm
+    ort_points = localize(image, model, backend="onnxruntime-fp32").points_mm
+    np.testing.assert_allclose(ort_points, torch_points, atol=1e-3)
+
+
+@pytest.mark.skipif("onnxruntime" not in BACKENDS, reason="onnxruntime is not installed")
+@pytest.mark.parametrize("damage", ["truncated", "random"])
+def test_damaged_onnx_file_is_a_model_error(damage: str, tmp_path: Path) -> None:
+    from fastlmk.errors import ModelError
+    from fastlmk.export import export_onnx
+
+    directory = small_model(2).save(tmp_path / "m")
+    export_onnx(load_model(directory), check=False)
+    target = directory / "global.onnx"
+    data = target.read_bytes()
+    target.write_bytes(
+        data[: len(data) // 2] if damage == "truncated" else np.random.default_rng(0).bytes(4000)
+    )
+    with pytest.raises(ModelError, match=r"global\.onnx.*re-export it with `fastlmk export"):
+        get_backend(load_model(directory), "onnxruntime-fp32")

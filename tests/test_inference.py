@@ -188,3 +188,49 @@ def test_integer_images_give_the_points_of_their_float_copy(
     as_float = localize(ints.astype(np.float32), model, spacing=spacing)
     np.testing.assert_allclose(as_int.points_mm, as_float.points_mm, atol=1e-4)
     np.testing.assert_allclose(as_int.confidence, as_float.confidence, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("lo", "hi"), [((0, 0), (48, 96)), ((48, 0), (96, 96)), ((0, 0), (96, 48)), ((0, 48), (96, 96))]
+)
+def test_landmark_cut_off_by_the_field_of_view_is_flagged(
+    model: LandmarkModel, image: sitk.Image, lo: tuple[int, int], hi: tuple[int, int]
+) -> None:
+    full = localize(image, model)
+    cut = localize(image[lo[0] : hi[0], lo[1] : hi[1]], model)
+    outside = ~((full.index >= lo) & (full.index < hi)).all(axis=1)
+    assert outside.any()
+    assert cut.flagged[outside].all(), (cut.details["global_weight"], cut.confidence)
+
+
+def test_zeroed_global_network_flags_every_landmark(
+    model: LandmarkModel, image: sitk.Image
+) -> None:
+    broken = _copy(model)
+    with torch.no_grad():
+        for p in broken.global_net.parameters():
+            p.zero_()
+    lm = localize(image, broken)
+    assert lm.flagged.all()
+
+
+def test_calibrated_thresholds_bracket_the_votes(model: LandmarkModel, phantom_2d: Path) -> None:
+    from fastlmk.calibration import calibrate_confidence
+
+    images = [phantom_2d / "images" / f"phantom{i:03d}.mha" for i in range(48, 52)]
+    result = calibrate_confidence(model, images, backend="torch")
+    low, high = result.weight_range
+    assert result.images == 4 and result.points == 16
+    assert result.spec.min_weight == pytest.approx(low / 2)
+    assert result.spec.max_weight == pytest.approx(high * 2)
+    assert result.spec.max_spread_mm <= 2 * result.spread_high_mm + 1e-9
+    for path in images:
+        d = localize(path, model).details
+        for w in (d["global_weight"], d["local_weight"]):
+            assert (w >= low - 1e-9).all() or np.percentile(w, 50) > low
+            assert (w > result.spec.min_weight).all() and (w < result.spec.max_weight).all()
+    # The model trained by the fixture was calibrated the same way, on these images.
+    assert model.config.confidence.min_weight == pytest.approx(result.spec.min_weight, rel=1e-4)
+    assert model.config.metadata["confidence_calibration"]["images"] == 4
+    with pytest.raises(fastlmk.FastlmkError, match="at least one image"):
+        calibrate_confidence(model, [])

@@ -157,3 +157,61 @@ def test_calibration_directory_lists_its_images(phantom_2d: Path, tmp_path: Path
     assert check_calibration_images([str(pattern)]) == expected
     with pytest.raises(FastlmkError, match="not found"):
         check_calibration_images([tmp_path / "missing.png"])
+
+
+def test_int8_files_of_other_weights_are_not_used(
+    model_copy: Path, phantom_2d: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An int8 file is run only while its record matches the stage's weights; a stale one
+    is left out with a warning and its stage runs in float32 from the weights."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from fastlmk.export import StaleOnnxWarning, network_hash, read_onnx_record
+
+    monkeypatch.setenv("FASTLMK_CACHE_DIR", str(tmp_path / "cache"))
+    images = [phantom_2d / "images" / f"{i}.mha" for i in _ids(phantom_2d, "train")[:3]]
+    quantize_int8(load_model(model_copy), images)
+    record = read_onnx_record(model_copy)
+    model = load_model(model_copy)
+    for stage in ("global", "local"):
+        assert record[f"{stage}.int8.onnx"] == {
+            "stage": stage,
+            "network_hash": network_hash(model, stage),
+        }
+
+    state = load_file(str(model_copy / "local.safetensors"))
+    state["cls_head.bias"] = state["cls_head.bias"] + 0.5
+    save_file(state, str(model_copy / "local.safetensors"))
+    model = load_model(model_copy)
+    with pytest.warns(StaleOnnxWarning, match="was exported from other weights") as caught:
+        runner = get_backend(model, "onnxruntime")
+    # The float32 local.onnx beside it is of the old weights too.
+    assert sorted(Path(str(w.message).split()[0]).name for w in caught) == [
+        "local.int8.onnx",
+        "local.onnx",
+    ]
+    assert runner.precision == {"global": "int8", "local": "fp32"}  # type: ignore[attr-defined]
+    x = torch.rand((1, len(model.names), 16, 16), generator=torch.Generator().manual_seed(0))
+    assert model.local_net is not None
+    with torch.inference_mode():
+        expected = model.local_net(x)
+    for got, ref in zip(runner.run_local(x), expected, strict=True):
+        assert (got - ref).abs().max() < 1e-3
+
+    # No int8 file belongs to the weights any more: int8 cannot be had.
+    state = load_file(str(model_copy / "global.safetensors"))
+    save_file({k: v * 2 for k, v in state.items()}, str(model_copy / "global.safetensors"))
+    with (
+        pytest.warns(StaleOnnxWarning),
+        pytest.raises(ModelError, match="no int8 networks exported from its current weights"),
+    ):
+        get_backend(load_model(model_copy), "onnxruntime-int8")
+
+
+def test_int8_into_a_file_is_an_export_error(model_copy: Path, phantom_2d: Path) -> None:
+    existing = model_copy / "a_file"
+    existing.write_text("not a directory")
+    image = phantom_2d / "images" / f"{_ids(phantom_2d, 'train')[0]}.mha"
+    with pytest.raises(ExportError, match="is a file, not a directory"):
+        quantize_int8(load_model(model_copy), [image], directory=existing)

@@ -1,9 +1,8 @@
-"""Command line: ``fastlmk train | localize | evaluate | export | bench``."""
+"""Command line: ``fastlmk train | localize | evaluate | export | ensemble | bench | calibrate``."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -21,6 +20,20 @@ def _spacing(args: argparse.Namespace) -> float | tuple[float, ...] | None:
     return args.spacing[0] if len(args.spacing) == 1 else tuple(args.spacing)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return value
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from .train import train
 
@@ -29,58 +42,154 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# Only a known image-format suffix is taken off a file name to make its image id; other
+# dots stay ("155.v2.jpg" -> "155.v2"), so distinct files keep distinct ids.
+_IMAGE_SUFFIXES = tuple(
+    ".nii.gz .nii .nrrd .nhdr .mha .mhd .dcm .png .jpg .jpeg .bmp .tif .tiff".split()
+)
+
+
+def _image_id(item: str | Path) -> str:
+    """Image id of an input path: its name without the image-format suffix.
+
+    ``scans/155.jpg`` -> ``155``, ``ct.nii.gz`` -> ``ct``, a DICOM directory -> its name.
+    A name that is only a suffix (``.jpg``) gives ``image``.
+    """
+    name = Path(item).name
+    for suffix in _IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return name or "image"
+
+
+def _unique_ids(items: Sequence[str]) -> list[str]:
+    """One id per input; a repeated name gets ``-2``, ``-3``... so no output is overwritten."""
+    ids: list[str] = []
+    for item in items:
+        base = _image_id(item)
+        candidate, n = base, 1
+        while candidate in ids:
+            n += 1
+            candidate = f"{base}-{n}"
+        if candidate != base:
+            print(f"note: {item}: an earlier input has the id {base!r}; written as {candidate!r}")
+        ids.append(candidate)
+    return ids
+
+
 def _cmd_localize(args: argparse.Namespace) -> int:
     from .inference import localize
     from .io import as_image
-    from .landmark_files import write_landmark_csv
+    from .landmark_files import read_landmark_csv, write_landmark_csv
     from .model import load_model
     from .overlay import write_overlay
 
-    model = load_model(args.model)
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FastlmkError(f"--out {out} is a file; give a directory (new or existing)")
+    # A previous run's table in the same directory is kept and updated, not replaced.
+    table_path = out / "landmarks.csv"
+    table = {}
+    if table_path.is_file():
+        try:
+            table = read_landmark_csv(table_path)
+        except FastlmkError as exc:
+            raise FastlmkError(
+                f"{table_path} exists but cannot be read ({exc}); move it or choose another --out"
+            ) from exc
+    model = load_model(args.model)
     out.mkdir(parents=True, exist_ok=True)
     spacing = _spacing(args)
-    table = {}
     failures = 0
-    for item in args.inputs:
+    for item, name in zip(args.inputs, _unique_ids(args.inputs), strict=True):
         try:
             image = as_image(item, spacing=spacing)
             lm = localize(image, model, backend=args.backend)
         except FastlmkError as exc:
-            print(f"error: {item}: {exc}", file=sys.stderr)
+            # Most messages already start with the path; name it once.
+            where = "" if str(exc).startswith(str(item)) else f"{item}: "
+            print(f"error: {where}{exc}", file=sys.stderr)
             failures += 1
             continue
-        lm.image = Path(item).name.split(".")[0]
-        stem = out / lm.image
-        lm.to_csv(stem.with_suffix(".csv"))
-        lm.to_json(stem.with_suffix(".json"))
-        lm.to_slicer(out / f"{lm.image}.mrk.json")
+        lm.image = name
+        lm.to_csv(out / f"{name}.csv")
+        lm.to_json(out / f"{name}.json")
+        lm.to_slicer(out / f"{name}.mrk.json")
         if args.overlay:
-            write_overlay(image, lm, stem.with_suffix(".png"))
-        table[lm.image] = dict(zip(lm.names, lm.points_mm, strict=True))
+            write_overlay(image, lm, out / f"{name}.png")
+        # The table holds the points that were found; one that was not (NaN, always
+        # flagged) is in the image's own CSV/JSON with its flag.
+        found = {n: p for n, p in zip(lm.names, lm.points_mm, strict=True) if math.isfinite(sum(p))}
+        table.pop(name, None)
+        if found:
+            table[name] = found
         n_flag = int(lm.flagged.sum())
         print(f"{item}: {len(lm)} landmarks" + (f", {n_flag} flagged" if n_flag else ""))
-    if table:
-        write_landmark_csv(out / "landmarks.csv", table)
+        # Written after every image so an interruption keeps what was done.
+        if table:
+            write_landmark_csv(table_path, table)
     return 1 if failures else 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_report
+    from .errors import LandmarkFileError
+    from .evaluate import evaluate, format_report, reference_names, result_to_json
     from .landmark_files import read_landmarks
 
     pred: dict = {}
     for p in args.pred:
         path = Path(p)
         files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+        if not files:
+            raise LandmarkFileError(
+                f"{path}: no .csv file in this directory; expected landmark CSV files "
+                "(as written by `fastlmk localize`). Pass those files or their directory."
+            )
         for f in files:
             for image_id, pts in read_landmarks(f).items():
                 pred.setdefault(image_id, {}).update(pts)
-    refs = {Path(r).stem: read_landmarks(r) for r in args.ref}
+    # Named by file, made distinct (r1/ref.csv and r2/ref.csv would both be "ref"),
+    # so that no reference replaces another in the dictionary.
+    names = reference_names(args.ref)
+    refs = {name: read_landmarks(r) for name, r in zip(names, args.ref, strict=True)}
     result = evaluate(pred, refs)
+    for name, m in result["references"].items():
+        for ref_id, pred_id in m["paired_images"].items():
+            print(
+                f"note: reference {name!r} (image {ref_id!r}) and the predictions (image "
+                f"{pred_id!r}) hold one image each, under different ids; evaluated as the "
+                "same image",
+                file=sys.stderr,
+            )
+        if name == "mean" and len(refs) > 1:
+            continue  # the mean's names are the references', already reported
+        only_pred = m["unmatched_landmarks"]["only_in_predictions"]
+        only_ref = m["unmatched_landmarks"]["only_in_reference"]
+        parts = []
+        if only_pred:
+            parts.append(
+                "only in the predictions (not evaluated): " + ", ".join(map(repr, only_pred))
+            )
+        if only_ref:
+            parts.append(
+                "only in the reference (counted as missed): " + ", ".join(map(repr, only_ref))
+            )
+        if parts:
+            hint = " Names must match exactly, case included." if only_pred else ""
+            print(
+                f"warning: reference {name!r}: landmark names {'; '.join(parts)}.{hint}",
+                file=sys.stderr,
+            )
     print(format_report(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        try:
+            Path(args.out).write_text(result_to_json(result) + "\n")
+        except OSError as exc:
+            raise FastlmkError(
+                f"--out {args.out}: cannot write the metrics ({exc.strerror or exc}); "
+                "expected a writable file path. Choose another --out."
+            ) from exc
     return 0
 
 
@@ -120,6 +229,25 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
         spacing = " x ".join(f"{s:g}" for s in spec.spacing)
         stages.append(f"{stage}: {spec.network_count} network(s) at {spacing} mm")
     print(f"{out}: global network of {args.models[0]}; {'; '.join(stages)}")
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_confidence, write_calibration
+    from .model import load_model
+
+    model = load_model(args.model)
+    before = model.config.confidence
+    result = calibrate_confidence(model, args.images, spacing=_spacing(args), backend=args.backend)
+    path = write_calibration(model, result)
+    after = result.spec
+    low, high = result.weight_range
+    print(
+        f"{result.points} estimates on {result.images} images: stage vote weights "
+        f"{low:.3g}..{high:.3g}\nmin_weight {before.min_weight:.3g} -> {after.min_weight:.3g}, "
+        f"max_weight {before.max_weight:.3g} -> {after.max_weight:.3g}, max_spread_mm "
+        f"{before.max_spread_mm:.3g} -> {after.max_spread_mm:.3g}\nwritten to {path}"
+    )
     return 0
 
 
@@ -182,15 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--pred",
         nargs="+",
         required=True,
-        help="predicted landmark CSV files or directories of them",
+        help="predicted landmark CSV files or directories of them; predictions of one "
+        "image and a one-image reference are paired even where their ids differ",
     )
     p.add_argument(
         "--ref",
         action="append",
         required=True,
-        help="reference landmark file; repeat for several annotators",
+        help="reference landmark file; repeat for several annotators (each is named by "
+        "its file name, with its folder in front where two names are the same)",
     )
-    p.add_argument("--out", help="write the metrics as JSON")
+    p.add_argument(
+        "--out",
+        help="write the metrics as JSON; numbers that are not finite are null (per_image "
+        "of an image with a missed landmark, statistics of a landmark never found)",
+    )
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser(
@@ -241,9 +375,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="image file")
     p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm (2D files)")
     p.add_argument("--backend", action="append", help="backend (repeat; default: all available)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--warmup", type=_non_negative_int, default=3)
+    p.add_argument("--repeats", type=_positive_int, default=20)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="set a model's flag thresholds from its votes on images it localizes well "
+        "(rewrites the confidence entry of model.json)",
+    )
+    p.add_argument("model", help="bundled model name or model directory")
+    p.add_argument("images", nargs="+", help="images showing every landmark (e.g. validation)")
+    p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm (2D files)")
+    p.add_argument("--backend", default="auto")
+    p.set_defaults(func=_cmd_calibrate)
     return parser
 
 

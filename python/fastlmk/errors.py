@@ -11,6 +11,7 @@ Messages follow one pattern: what was wrong, what was expected, what to do.
 from __future__ import annotations
 
 __all__ = [
+    "EvaluationError",
     "FastlmkError",
     "InvalidImageError",
     "LandmarkFileError",
@@ -39,3 +40,8 @@ class LandmarkFileError(FastlmkError, ValueError):
 
 class ModelError(FastlmkError, ValueError):
     """A model directory or its contents are missing, inconsistent or unsupported."""
+
+
+class EvaluationError(FastlmkError, ValueError):
+    """Predictions and references cannot be compared: no reference, no image id in
+    common, or points of different dimensionality (2D against 3D)."""

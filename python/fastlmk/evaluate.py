@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import json
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .errors import EvaluationError
 from .landmark_files import LandmarkTable
 
 __all__ = [
@@ -15,6 +21,8 @@ __all__ = [
     "format_report",
     "mean_table",
     "radial_errors",
+    "reference_names",
+    "result_to_json",
     "systematic_offset",
 ]
 
@@ -32,10 +40,39 @@ def mean_table(tables: Sequence[LandmarkTable]) -> LandmarkTable:
     return out
 
 
+def _few(ids: Iterable[str], k: int = 5) -> str:
+    """The first ``k`` ids, quoted, for an error message."""
+    ids = list(ids)
+    if not ids:
+        return "none"
+    shown = ", ".join(repr(i) for i in ids[:k])
+    return shown + (f" and {len(ids) - k} more" if len(ids) > k else "")
+
+
+def _check_dims(image_id: str, name: str, p: Any, truth: Any) -> None:
+    """Raise a clear error where a prediction and its reference point differ in D.
+
+    Without it numpy fails deep inside the subtraction with a broadcasting message
+    that names neither the image nor the landmark.
+    """
+    if np.shape(p) != np.shape(truth):
+        raise EvaluationError(
+            f"image {image_id!r}, landmark {name!r}: the prediction is {np.size(p)}D and "
+            f"the reference {np.size(truth)}D; expected points of the same dimensionality "
+            "((x, y) or (x, y, z)) in both. Compare 2D predictions with a 2D reference "
+            "(3D Slicer .mrk.json and .fcsv files always hold 3D points: use a CSV or "
+            "fastlmk JSON reference for 2D images)."
+        )
+
+
 def radial_errors(pred: LandmarkTable, ref: LandmarkTable) -> dict[str, dict[str, float]]:
     """Euclidean distance (mm) per image and landmark for every reference point.
 
     A reference point without a finite prediction gets ``inf`` (a missed landmark).
+    Images of ``ref`` absent from ``pred`` are left out.
+
+    Raises:
+        EvaluationError: a prediction and its reference point differ in dimensionality.
     """
     errors: dict[str, dict[str, float]] = {}
     for image_id, points in ref.items():
@@ -44,6 +81,8 @@ def radial_errors(pred: LandmarkTable, ref: LandmarkTable) -> dict[str, dict[str
         errors[image_id] = {}
         for name, truth in points.items():
             p = pred[image_id].get(name)
+            if p is not None:
+                _check_dims(image_id, name, p, truth)
             ok = p is not None and np.all(np.isfinite(p))
             errors[image_id][name] = float(np.linalg.norm(np.asarray(p) - truth)) if ok else np.inf
     return errors
@@ -69,12 +108,16 @@ def systematic_offset(pred: LandmarkTable, ref: LandmarkTable, name: str) -> dic
         ``offset_share``: ``|offset|^2 / mean(|pred - ref|^2)``, the fraction of the
         mean squared error that the constant offset explains (0 to 1); ``n``: images
         used. NaN entries when no image has both points.
+
+    Raises:
+        EvaluationError: a prediction and its reference point differ in dimensionality.
     """
     diffs = []
     for image_id, points in ref.items():
         p = pred.get(image_id, {}).get(name)
         if name not in points or p is None:
             continue
+        _check_dims(image_id, name, p, points[name])
         d = np.asarray(p, dtype=np.float64) - np.asarray(points[name], dtype=np.float64)
         if np.all(np.isfinite(d)):
             diffs.append(d)
@@ -107,14 +150,33 @@ def _summary(e: np.ndarray, thresholds: Sequence[float]) -> dict[str, Any]:
     }
 
 
+def _unmatched_landmarks(pred: LandmarkTable, ref: LandmarkTable) -> dict[str, list[str]]:
+    """Landmark names of the shared images that only one side has.
+
+    A prediction whose name the reference lacks (``Sella`` for ``sella``, an extra
+    point) is otherwise invisible: it is never compared, and the reference point it
+    was meant for only shows as missed.
+    """
+    shared = [i for i in ref if i in pred]
+    in_pred = dict.fromkeys(n for i in shared for n in pred[i])
+    in_ref = dict.fromkeys(n for i in shared for n in ref[i])
+    return {
+        "only_in_predictions": [n for n in in_pred if n not in in_ref],
+        "only_in_reference": [n for n in in_ref if n not in in_pred],
+    }
+
+
 def _metrics(
-    pred: LandmarkTable, ref: LandmarkTable, thresholds: Sequence[float]
+    pred: LandmarkTable, ref: LandmarkTable, thresholds: Sequence[float], ref_name: str
 ) -> dict[str, Any]:
     errs = radial_errors(pred, ref)
     if not errs:
-        raise ValueError(
-            "no image is in both the predictions and the reference; check the "
-            "image ids (the 'image' column)"
+        raise EvaluationError(
+            f"no image id is in both the predictions ({len(pred)} images: {_few(pred)}) "
+            f"and reference {ref_name!r} ({len(ref)} images: {_few(ref)}); expected the "
+            "same ids on both sides (the 'image' column of a CSV file; a single-image "
+            ".json, .mrk.json or .fcsv file is keyed by the id stored in it, else by its "
+            "file name). Rename the ids so that they match."
         )
     names: list[str] = []
     for pts in errs.values():
@@ -128,13 +190,33 @@ def _metrics(
         for n in names
     }
     out["per_image"] = {i: float(np.mean(list(p.values()))) for i, p in errs.items()}
+    out["unmatched_landmarks"] = _unmatched_landmarks(pred, ref)
     return out
+
+
+def _pair_single_image(
+    pred: LandmarkTable, ref: LandmarkTable
+) -> tuple[LandmarkTable, dict[str, str]]:
+    """Key a one-image reference by the id of one-image predictions.
+
+    A single-image reference file (.fcsv, .mrk.json) is keyed by its file name, and
+    predictions by their image's name, so the ids of one annotation file and the one
+    image it annotates rarely agree; with one image on each side, there is no doubt
+    which belong together.
+    """
+    if len(pred) == 1 and len(ref) == 1:
+        (pred_id,), (ref_id,) = pred, ref
+        if pred_id != ref_id:
+            return {pred_id: ref[ref_id]}, {ref_id: pred_id}
+    return ref, {}
 
 
 def evaluate(
     pred: LandmarkTable,
     references: Mapping[str, LandmarkTable],
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS_MM,
+    *,
+    pair_single_image: bool = True,
 ) -> dict[str, Any]:
     """Compare predictions with one or more references.
 
@@ -143,18 +225,125 @@ def evaluate(
         references: Reference name -> landmarks. With two or more, the point-wise mean
             of all references is evaluated too, under ``"mean"``.
         thresholds: SDR radii in mm.
+        pair_single_image: Where ``pred`` and a reference hold one image each, under
+            different ids, evaluate them as the same image (recorded in
+            ``paired_images``). False: ids must match.
 
     Returns:
-        ``{"references": {name: metrics}}`` where metrics hold ``mre_mm``, ``median_mm``,
-        ``std_mm``, ``sdr_percent`` (per threshold), ``per_landmark`` (the same per landmark,
-        plus ``systematic``: :func:`systematic_offset`) and ``per_image``.
+        ``{"thresholds_mm": [...], "references": {name: metrics}}`` where metrics hold
+        ``n`` (reference points), ``missed`` (reference points without a finite
+        prediction, error ``inf``), ``mre_mm``, ``median_mm``, ``std_mm``, ``max_mm``
+        (over the finite errors; NaN when there is none), ``sdr_percent`` (per
+        threshold), ``images``, ``per_landmark`` (the same per landmark, plus
+        ``systematic``: :func:`systematic_offset`), ``per_image`` (mean error of each
+        image; ``inf`` when it has a missed landmark), ``unmatched_landmarks``
+        (``only_in_predictions`` / ``only_in_reference``: names of the evaluated
+        images that only one side has; such predictions are not compared) and
+        ``paired_images`` (reference id -> prediction id, see ``pair_single_image``).
+        Use :func:`result_to_json` to write it as strict JSON.
+
+    Raises:
+        EvaluationError: no reference, no image id shared by the predictions and a
+            reference, or a prediction and its reference point differ in
+            dimensionality (2D against 3D).
     """
     if not references:
-        raise ValueError("evaluate needs at least one reference")
-    out = {name: _metrics(pred, ref, thresholds) for name, ref in references.items()}
-    if len(references) > 1:
-        out["mean"] = _metrics(pred, mean_table(list(references.values())), thresholds)
+        raise EvaluationError(
+            "no reference to evaluate against; expected at least one reference table "
+            "(name -> image id -> landmark -> point). Pass one, e.g. "
+            "evaluate(pred, {'annotator': table})."
+        )
+    tables: dict[str, LandmarkTable] = {}
+    pairs: dict[str, dict[str, str]] = {}
+    for name, ref in references.items():
+        if pair_single_image:
+            tables[name], pairs[name] = _pair_single_image(pred, ref)
+        else:
+            tables[name], pairs[name] = ref, {}
+    out = {
+        name: _metrics(pred, ref, thresholds, name) | {"paired_images": pairs[name]}
+        for name, ref in tables.items()
+    }
+    if len(tables) > 1:
+        mean = mean_table(list(tables.values()))
+        out["mean"] = _metrics(pred, mean, thresholds, "mean") | {"paired_images": {}}
     return {"thresholds_mm": list(thresholds), "references": out}
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by None (JSON ``null``)."""
+    if isinstance(value, float | np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, np.integer):
+        return int(value)
+    if isinstance(value, np.ndarray):
+        return _json_safe(value.tolist())
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def result_to_json(result: Mapping[str, Any], indent: int | None = 1) -> str:
+    """:func:`evaluate`'s result as strict JSON text.
+
+    The result keeps ``inf`` (a missed landmark) and NaN (a statistic of no finite
+    error) in memory, but JSON has no such numbers (``json.dumps`` would write
+    ``Infinity``/``NaN``, which strict parsers reject), so they are written as
+    ``null``: for example ``per_image`` of an image with a missed landmark, or
+    ``mre_mm``/``std_mm``/``max_mm`` of a landmark that was missed in every image.
+
+    Args:
+        result: The dictionary returned by :func:`evaluate`.
+        indent: As for :func:`json.dumps`.
+
+    Returns:
+        JSON text; ``null`` wherever the result holds a non-finite number.
+    """
+    return json.dumps(_json_safe(result), indent=indent, allow_nan=False)
+
+
+def _file_stem(path: Path) -> str:
+    """The file name without its landmark extension (``a.mrk.json`` -> ``a``)."""
+    if path.name.lower().endswith(".mrk.json"):
+        return path.name[: -len(".mrk.json")]
+    return path.stem
+
+
+def reference_names(paths: Sequence[str | os.PathLike[str]]) -> list[str]:
+    """Distinct names for reference files, to key :func:`evaluate`'s ``references``.
+
+    A name is the file name without its extension (``senior.csv`` -> ``"senior"``,
+    ``rater01.mrk.json`` -> ``"rater01"``). Where two files would share a name, and for
+    ``"mean"`` when there are several files (:func:`evaluate` reports the references'
+    mean under that key), the parent folder is put in front (``r1/ref``, ``r2/ref``),
+    and a suffix `` (2)``, `` (3)`` ... where that is still not unique (the same file
+    given twice): a reference never replaces another.
+
+    Args:
+        paths: Reference files, in order.
+
+    Returns:
+        One name per path, in the same order, all different.
+    """
+    files = [Path(p) for p in paths]
+    stems = [_file_stem(f) for f in files]
+    counts = Counter(stems)
+    reserved = {"mean"} if len(files) > 1 else set()
+    names: list[str] = []
+    for f, stem in zip(files, stems, strict=True):
+        name = stem
+        if counts[stem] > 1 or stem in reserved:
+            # abspath, not resolve: the folder the user named, with ".." folded away
+            parent = Path(os.path.abspath(f)).parent.name
+            name = f"{parent}/{stem}" if parent else stem
+        base, k = name, 2
+        while name in names or name in reserved:
+            name = f"{base} ({k})"
+            k += 1
+        names.append(name)
+    return names
 
 
 def format_report(result: dict[str, Any]) -> str:

@@ -336,10 +336,11 @@ def _assemble(
     inside = ((index >= -0.5) & (index <= size - 0.5)).all(axis=1)
     conf = _confidence(model, weights, spread_mm)
     c = cfg.confidence
-    min_w = np.min(np.stack([np.nan_to_num(w) for w in weights]), axis=0)
+    stage_weights = np.stack([np.nan_to_num(w) for w in weights])
     flagged = (
         ~np.isfinite(points).all(axis=1)
-        | (min_w < c.min_weight)
+        | (stage_weights.min(axis=0) < c.min_weight)
+        | (stage_weights.max(axis=0) > c.max_weight)
         | ~(spread_mm <= c.max_spread_mm)
         | ~inside
         | local_outside

@@ -22,9 +22,12 @@ class Landmarks:
         points_mm: ``(L, D)`` float64 physical ITK/LPS coordinates in mm, (x, y[, z]).
         index: ``(L, D)`` float64 continuous voxel index in the input image, (x, y[, z]).
         confidence: ``(L,)`` float64 in [0, 1].
-        flagged: ``(L,)`` bool: True where the estimate is unreliable (vote with
-            near-zero weight, large spread, or outside the image). Flagged points are
-            still reported (NaN where no estimate exists at all).
+        flagged: ``(L,)`` bool: True where the estimate is unreliable: a stage's vote
+            weight outside the model's usual range (too low: the landmark is not seen,
+            e.g. outside the field of view; too high: seen everywhere), a large spread or
+            a point outside the image (see
+            :class:`fastlmk.model.ConfidenceSpec`). Flagged points are still reported
+            (NaN where no estimate exists at all).
         image: Identifier of the image (file stem), or "".
         details: Per-stage diagnostics (vote weights and spreads).
     """

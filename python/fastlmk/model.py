@@ -8,13 +8,17 @@ A model is a directory::
     local.safetensors       weights of the L local networks (one grouped network)
     local2.safetensors ...  weights of further local stages at other spacings, if any
 
-No file of a model can execute code when loaded (no pickle). Bundled models live in
-``fastlmk/models/<name>/`` inside the package and are loaded by name.
+It may also hold the stages' ONNX exports and their record (``onnx.json``, see
+:mod:`fastlmk.export`). No file of a model can execute code when loaded (no pickle).
+Bundled models live in ``fastlmk/models/<name>/`` inside the package and are loaded by
+name.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -50,6 +54,29 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _BUNDLED = Path(__file__).parent / "models"
+# Stems of stage weight files: global, local, local2, local3 ... (see local_stage_names).
+_STAGE_STEM = re.compile(r"global|local(?:[2-9]|[1-9][0-9]+)?")
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    names = {dict: "an object", list: "an array", str: "a string", int: "a number"}
+    return names.get(type(value), "a number" if isinstance(value, float) else type(value).__name__)
+
+
+def _section(d: dict[str, Any], key: str) -> dict[str, Any]:
+    """``d[key]`` (default ``{}``), which must be a JSON object."""
+    value = d.get(key, {})
+    if not isinstance(value, dict):
+        raise ModelError(
+            f"model.json: '{key}' must be a JSON object, got {_json_type(value)}; "
+            "restore the model.json written with the model"
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -73,7 +100,12 @@ class IntensitySpec:
                 f"unknown intensity normalisation {d.get('method')!r}; "
                 "this version supports 'percentile'"
             )
-        spec = cls(low=float(d.get("low", 1.0)), high=float(d.get("high", 99.0)))
+        try:
+            spec = cls(low=float(d.get("low", 1.0)), high=float(d.get("high", 99.0)))
+        except (TypeError, ValueError) as exc:
+            raise ModelError(
+                f"model.json: invalid intensity percentiles {d}: expected numbers ({exc})"
+            ) from exc
         if not 0.0 <= spec.low < spec.high <= 100.0:
             raise ModelError(f"intensity percentiles must satisfy 0 <= low < high <= 100, got {d}")
         return spec
@@ -113,6 +145,10 @@ class StageSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], dim: int, name: str) -> StageSpec:
+        if not isinstance(d, dict):
+            raise ModelError(
+                f"model.json: the '{name}' stage must be a JSON object, got {_json_type(d)}"
+            )
         try:
             spacing = tuple(float(s) for s in d["spacing"])
             crop = tuple(int(c) for c in d.get("crop_size", ()))
@@ -141,9 +177,16 @@ class StageSpec:
 class ConfidenceSpec:
     """Thresholds that flag a landmark as unreliable.
 
+    A stage's vote weight is the sum of its cell probabilities: about one where the
+    network sees the landmark once, near zero where it sees it nowhere (e.g. outside the
+    field of view), and far above the usual where it sees it everywhere (an image unlike
+    the training images, or a broken network). :func:`fastlmk.calibration.calibrate_confidence`
+    sets ``min_weight`` and ``max_weight`` from a model's weights on images it localizes
+    correctly.
+
     Attributes:
-        min_weight: Flag when a stage's total vote weight (sum of cell probabilities)
-            is below this.
+        min_weight: Flag when a stage's total vote weight is below this.
+        max_weight: Flag when a stage's total vote weight is above this (``inf``: never).
         max_spread_mm: Flag when the final vote's spread (weighted RMS distance of the
             votes from their mean) exceeds this.
         spread_scale_mm: Spread at which the confidence falls to one half.
@@ -152,17 +195,20 @@ class ConfidenceSpec:
     min_weight: float = 0.05
     max_spread_mm: float = 10.0
     spread_scale_mm: float = 2.0
+    max_weight: float = float("inf")
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "min_weight": self.min_weight,
+            # JSON has no infinity: "no upper bound" is written as null.
+            "max_weight": self.max_weight if np.isfinite(self.max_weight) else None,
             "max_spread_mm": self.max_spread_mm,
             "spread_scale_mm": self.spread_scale_mm,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConfidenceSpec:
-        return cls(**{k: float(v) for k, v in d.items()})
+        return cls(**{k: float("inf") if v is None else float(v) for k, v in d.items()})
 
 
 @dataclass(frozen=True)
@@ -211,22 +257,43 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """The configuration in a parsed ``model.json``.
+
+        Raises:
+            ModelError: not a JSON object, an unsupported format version, or a missing
+                or invalid field.
+        """
+        if not isinstance(d, dict):
+            raise ModelError(
+                f"model.json must hold a JSON object (the model configuration), got "
+                f"{_json_type(d)}; restore the model.json written with the model"
+            )
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise ModelError(
                 f"model.json format_version {version!r} is not supported by this "
                 f"fastlmk (expects {FORMAT_VERSION}); upgrade fastlmk or re-export"
             )
+        missing = [key for key in ("dim", "landmarks", "global") if key not in d]
+        if missing:
+            raise ModelError(
+                f"model.json is missing the required field(s) {', '.join(map(repr, missing))}; "
+                "restore the model.json written with the model"
+            )
         try:
             dim = int(d["dim"])
-            names = tuple(str(n) for n in d["landmarks"])
-            gspec = d["global"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"model.json is missing a required field: {exc}") from exc
+        except (TypeError, ValueError):
+            dim = 0  # reported just below, with the value as written
         if dim not in (2, 3):
-            raise ModelError(f"model.json: dim must be 2 or 3, got {dim}")
+            raise ModelError(f"model.json: invalid value for 'dim': {d['dim']!r}; expected 2 or 3")
+        landmarks = d["landmarks"]
+        names = tuple(str(n) for n in landmarks) if isinstance(landmarks, list) else ()
         if not names or len(set(names)) != len(names):
-            raise ModelError("model.json: 'landmarks' must be a non-empty list of unique names")
+            raise ModelError(
+                f"model.json: invalid value for 'landmarks' ({_json_type(landmarks)}): "
+                "expected a non-empty list of unique names"
+            )
+        gspec = d["global"]
         local = d.get("local")
         extra = d.get("local_extra", [])
         if not isinstance(extra, list) or (extra and local is None):
@@ -243,11 +310,11 @@ class ModelConfig:
                 StageSpec.from_dict(e, dim, name)
                 for e, name in zip(extra, local_stage_names(len(extra) + 1)[1:], strict=True)
             ),
-            intensity=IntensitySpec.from_dict(d.get("intensity", {})),
-            confidence=ConfidenceSpec.from_dict(d.get("confidence", {})),
+            intensity=IntensitySpec.from_dict(_section(d, "intensity")),
+            confidence=ConfidenceSpec.from_dict(_section(d, "confidence")),
             orientation=str(d.get("orientation", "LPS")),
             description=str(d.get("description", "")),
-            metadata=dict(d.get("metadata", {})),
+            metadata=dict(_section(d, "metadata")),
         )
 
 
@@ -334,6 +401,11 @@ class LandmarkModel:
     def save(self, directory: str | Path, weights_dtype: str = "float32") -> Path:
         """Write ``model.json`` and safetensors weights to ``directory`` (created).
 
+        Files that belonged to weights saved there before go: the weights of stages this
+        model does not have, and the ONNX exports (``*.onnx``) of any stage whose network
+        differs from this model's (their record in ``onnx.json`` does not match, see
+        :func:`fastlmk.export.remove_stale_onnx`).
+
         Args:
             directory: Output directory.
             weights_dtype: ``"float32"`` (default) or ``"float16"``: the floating-point
@@ -343,21 +415,46 @@ class LandmarkModel:
                 above 6.1e-5, an absolute error <= 3e-8 below).
 
         Raises:
-            ModelError: unknown ``weights_dtype``, or a weight outside float16's range.
+            ModelError: unknown ``weights_dtype``, a weight outside float16's range, or
+                ``directory`` is a file or cannot be created.
         """
+        from .export import _state_hash, remove_stale_onnx
+
         if weights_dtype not in _WEIGHT_DTYPES:
             raise ModelError(
                 f"weights_dtype must be one of {', '.join(_WEIGHT_DTYPES)}, got {weights_dtype!r}"
             )
         dtype = _WEIGHT_DTYPES[weights_dtype]
         out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
+        if out.exists() and not out.is_dir():
+            raise ModelError(
+                f"cannot save the model to {out}: it is a file, not a directory; pass a new "
+                "directory (or an existing model directory to replace that model)"
+            )
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ModelError(
+                f"cannot create the model directory {out}: {exc.strerror or exc}; pass a "
+                "directory that can be created"
+            ) from exc
+        hashes: dict[str, str] = {}
         for stage in self.stage_names:
-            state = _state(self.network(stage))
+            net = self.network(stage)
+            state = _state(net)
             if dtype != torch.float32:
                 state = _cast_floats(state, dtype, f"{self.config.name!r} {stage}")
             save_file(state, str(out / f"{stage}.safetensors"))
+            # The network as it loads back (float32), which the ONNX records refer to.
+            loaded = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+            hashes[stage] = _state_hash(net, loaded)
         (out / "model.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        # Left behind, the files of an earlier model would make this one inconsistent
+        # (stage weights its model.json lacks) or be taken for its exports.
+        for path in out.glob("*.safetensors"):
+            if _STAGE_STEM.fullmatch(path.stem) and path.stem not in hashes:
+                path.unlink()
+        remove_stale_onnx(out, hashes)
         return out
 
     def __repr__(self) -> str:
@@ -425,10 +522,17 @@ def load_model(name_or_dir: str | Path | LandmarkModel) -> LandmarkModel:
         The model, networks in eval mode on the CPU.
 
     Raises:
-        ModelError: unknown name, missing or invalid files.
+        ModelError: not a name, directory or model; unknown name; missing, invalid or
+            inconsistent files.
     """
     if isinstance(name_or_dir, LandmarkModel):
         return name_or_dir
+    if not isinstance(name_or_dir, str | os.PathLike):
+        raise ModelError(
+            f"model must be a bundled model name, a model directory or a loaded "
+            f"LandmarkModel, got {type(name_or_dir).__name__} ({name_or_dir!r}); "
+            f"bundled models: {', '.join(available_models()) or 'none installed'}"
+        )
     path = Path(name_or_dir)
     if not (path / "model.json").is_file():
         bundled = _BUNDLED / str(name_or_dir)
@@ -444,7 +548,31 @@ def load_model(name_or_dir: str | Path | LandmarkModel) -> LandmarkModel:
         raw = json.loads((path / "model.json").read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelError(f"cannot read {path / 'model.json'}: {exc}") from exc
-    config = ModelConfig.from_dict(raw)
+    try:
+        config = ModelConfig.from_dict(raw)
+    except ModelError as exc:
+        raise ModelError(f"{path}: {exc}") from exc
+    except (AttributeError, KeyError, TypeError, ValueError) as exc:
+        # A malformed field that the checks of from_dict do not name: still the file's fault.
+        raise ModelError(
+            f"{path / 'model.json'} is not a valid model configuration ({exc}); "
+            "restore the model.json written with the model"
+        ) from exc
+    stages = ["global", *config.local_stages]
+    # Weights that model.json does not describe (a stage missing from 'local' /
+    # 'local_extra') would be ignored, and the model run without them.
+    stray = sorted(
+        p.name
+        for p in path.glob("*.safetensors")
+        if _STAGE_STEM.fullmatch(p.stem) and p.stem not in stages
+    )
+    if stray:
+        raise ModelError(
+            f"model directory {path} holds the stage weights {', '.join(stray)}, but its "
+            f"model.json describes only the stage(s) {', '.join(stages)}: add the missing "
+            "stage to model.json ('local' / 'local_extra'), or delete the file(s) if they "
+            "do not belong to this model"
+        )
     model = LandmarkModel.create(config)
     for stage in model.stage_names:
         net = model.network(stage)

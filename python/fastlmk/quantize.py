@@ -36,6 +36,9 @@ from .errors import FastlmkError
 from .export import (
     ExportError,
     _example_shapes,
+    _make_directory,
+    _state_hash,
+    _update_record,
     _write_atomically,
     max_abs_difference,
     onnx_files,
@@ -186,12 +189,15 @@ def quantize_int8(
             for the others; the local stages set the final precision, so they are the
             ones most sensitive to int8.
 
+    Each file is recorded in the directory's ``onnx.json`` with the hash of the network
+    it was made from (see :data:`fastlmk.export.RECORD_FILE`).
+
     Returns:
         One :class:`QuantizeResult` per quantized stage.
 
     Raises:
-        ExportError: no images, an unknown stage, no output directory, or onnxruntime
-            missing.
+        ExportError: no images, an unknown stage, no output directory, the output is a
+            file, or onnxruntime missing.
     """
     if not images:
         raise ExportError("int8 calibration needs at least one image")
@@ -222,7 +228,7 @@ def quantize_int8(
         ) from exc
 
     out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
+    _make_directory(out)
     inputs = calibration_inputs(model, images, spacing)
     results = []
     for stage in stages:
@@ -249,7 +255,11 @@ def quantize_int8(
                 )
             except Exception as exc:
                 raise ExportError(f"int8 quantization of {fp32.name} failed: {exc}") from exc
+            # As in export_onnx: no record entry while the file is replaced.
+            _update_record(out, {}, removed=[path.name])
             staged.replace(path)
+        network = {"stage": stage, "network_hash": _state_hash(model.network(stage))}
+        _update_record(out, {path.name: network})
         results.append(QuantizeResult(path, stage, len(arrays), _max_diff(fp32, path, arrays)))
     return results
 

@@ -56,7 +56,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from .calibration import calibrate_confidence
 from .errors import FastlmkError
 from .evaluate import mean_table
 from .inference import errors_mm, localize
@@ -622,6 +623,23 @@ class _Trainer:
         e = np.concatenate(errs)
         return {"val_mre_mm": float(np.nanmean(e)), "val_median_mm": float(np.nanmedian(e))}
 
+    def _calibrate(self) -> None:
+        """Flag thresholds from the trained model's votes (see fastlmk.calibration).
+
+        On the validation images when there are any: on training images the votes are
+        surer than on new ones. Without validation images, on up to 50 training images
+        (the thresholds' margin covers part of that difference).
+        """
+        samples = self.val or self.train[:50]
+        result = calibrate_confidence(self.model, [s.image for s in samples], backend="torch")
+        self.model.config = replace(self.model.config, confidence=result.spec)
+        self.model.config.metadata["confidence_calibration"] = result.to_dict()
+        c = result.spec
+        self.log(
+            f"flag thresholds from {result.images} images: stage vote weight "
+            f"{c.min_weight:.3g}..{c.max_weight:.3g}, spread <= {c.max_spread_mm:.3g} mm"
+        )
+
     def _set_training(self, training: bool) -> None:
         self.model.global_net.train(training and self.gopt is not None)
         if self.model.local_net is not None:
@@ -741,6 +759,7 @@ class _Trainer:
             print(file=sys.stderr)
         elapsed = self._seconds()
         self._set_training(False)
+        self._calibrate()
         self.model.config.metadata.update(
             {
                 "training": {

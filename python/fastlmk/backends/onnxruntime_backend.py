@@ -15,6 +15,10 @@ networks written by :func:`fastlmk.quantize.quantize_int8` (``*.int8.onnx`` next
 ``model.json``) for the stages that have one, float32 for the others; ``"auto"`` takes
 whatever int8 networks the model ships (bundled models ship only those whose accuracy
 was checked on held-out images) and float32 for the rest.
+
+Only files recorded as exported from the model's current weights are run (see
+:func:`fastlmk.export.current_onnx_files`): a stale int8 file is left out with a warning,
+and its stage runs in float32, exported from the weights.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def physical_cores() -> int:
 
 def _files(model: LandmarkModel, precision: str) -> dict[str, tuple[Path, str]]:
     """The network file and its precision for each stage."""
-    from ..export import onnx_files
+    from ..export import current_onnx_files, onnx_files
     from ..quantize import int8_file
 
     if precision not in ("auto", "fp32", "int8"):
@@ -70,16 +74,36 @@ def _files(model: LandmarkModel, precision: str) -> dict[str, tuple[Path, str]]:
     if precision == "fp32" or model.path is None:
         int8: dict[str, Path] = {}
     else:
-        int8 = {s: Path(model.path) / int8_file(s) for s in stages}
-        int8 = {s: p for s, p in int8.items() if p.is_file()}
+        # A file from other weights would silently give another network's answers.
+        int8 = current_onnx_files(model, {s: Path(model.path) / int8_file(s) for s in stages})
     if precision == "int8" and not int8:
         raise ModelError(
-            f"model {model.config.name!r} has no int8 networks next to its model.json: "
-            "write them with `fastlmk export MODEL --int8 --calibration IMAGES`"
+            f"model {model.config.name!r} has no int8 networks exported from its current "
+            "weights next to its model.json: write them with "
+            "`fastlmk export MODEL --int8 --calibration IMAGES`"
         )
     # The float32 files are exported (once, into the cache) only when a stage needs them.
     fp32 = onnx_files(model) if set(int8) != set(stages) else {}
     return {s: (int8[s], "int8") if s in int8 else (fp32[s], "fp32") for s in stages}
+
+
+def _unloadable(model: LandmarkModel, path: Path, precision: str, exc: Exception) -> str:
+    """The message for an ONNX file that ONNX Runtime cannot load."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    where = str(model.path) if model.path is not None else "MODEL"
+    if model.path is not None and path.parent == Path(model.path):
+        redo = (
+            f"`fastlmk export {where} --int8 --calibration IMAGES`"
+            if precision == "int8"
+            else f"`fastlmk export {where}`"
+        )
+        fix = f"re-export it with {redo}, or delete it"
+    else:  # the on-the-fly export in the cache directory
+        fix = "delete it, and it is exported again when next needed"
+    return (
+        f"cannot load the {precision} ONNX network {path}: the file is damaged, truncated "
+        f"or not an ONNX model ({reason}); {fix}"
+    )
 
 
 class OnnxRuntimeBackend:
@@ -93,12 +117,14 @@ class OnnxRuntimeBackend:
         precision: ``"auto"``, ``"fp32"`` or ``"int8"`` (see the module docstring).
 
     Attributes:
+        files: The ONNX file each stage's network runs from.
         precision: The precision of each stage's network, ``"fp32"`` or ``"int8"``.
         threads: The intra-op threads of each stage's session.
 
     Raises:
         BackendUnavailableError: onnxruntime is not installed.
-        ModelError: int8 asked for a model without int8 files, or an unknown precision.
+        ModelError: int8 asked for a model without (current) int8 files, an unknown
+            precision, or an ONNX file that ONNX Runtime cannot load (damaged, truncated).
     """
 
     name = "onnxruntime"
@@ -115,6 +141,7 @@ class OnnxRuntimeBackend:
                 "pip install 'fastlmk[onnx]', or use backend='torch'"
             ) from exc
         files = _files(model, precision)
+        self.files = {stage: path for stage, (path, _) in files.items()}
         self.precision = {stage: p for stage, (_, p) in files.items()}
 
         cores = threads or physical_cores()
@@ -137,12 +164,14 @@ class OnnxRuntimeBackend:
 
         self._model_name = model.config.name
         self.threads = {s: cores if s == "global" else local_threads for s in files}
-        self._sessions: dict[str, Any] = {
-            stage: ort.InferenceSession(
-                str(path), options(self.threads[stage]), providers=["CPUExecutionProvider"]
-            )
-            for stage, (path, _) in files.items()
-        }
+        self._sessions: dict[str, Any] = {}
+        for stage, (path, p) in files.items():
+            try:
+                self._sessions[stage] = ort.InferenceSession(
+                    str(path), options(self.threads[stage]), providers=["CPUExecutionProvider"]
+                )
+            except Exception as exc:  # onnxruntime raises its own types, one per cause
+                raise ModelError(_unloadable(model, path, p, exc)) from exc
         self._pool: ThreadPoolExecutor | None = None
         self._pool_pid = 0
 

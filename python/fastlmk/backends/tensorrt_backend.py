@@ -146,7 +146,7 @@ class TensorRTBackend:
         return f"trt{self._trt.__version__}-{gpu}"
 
     def _engine(self, stage: str, shape: tuple[int, ...]) -> _Engine:
-        from ..export import model_hash
+        from ..export import network_hash
 
         net = self._model.network(stage)  # ModelError for a stage the model lacks
         multiple = net.spec.input_multiple  # every member of an ensemble must fit
@@ -155,8 +155,10 @@ class TensorRTBackend:
         if key not in self._engines:
             precision = "fp16" if self.fp16 else "fp32"
             size = "x".join(map(str, bucket))
+            # Keyed by the stage network's own weights: an engine is valid for exactly
+            # those, whatever else in model.json (thresholds, other stages) changes.
             plan_path = self._cache() / (
-                f"{model_hash(self._model)}-{stage}-{precision}-{size}-{self._tag()}.plan"
+                f"{network_hash(self._model, stage)}-{stage}-{precision}-{size}-{self._tag()}.plan"
             )
             if not plan_path.is_file():
                 self._build(stage, shape, bucket, multiple, plan_path)

@@ -1,0 +1,167 @@
+"""Flag thresholds of a model from its own votes on images it localizes correctly.
+
+The vote weight of a stage (the sum of its cell probabilities) has a model-specific
+range: a network that sees a landmark once gives about one, but how far below or above
+one it goes on good images depends on the network, its stride and its training. A fixed
+threshold therefore either misses failures (a landmark outside the field of view still
+gets weight 0.2 from a network whose good votes never go below 1) or flags good points.
+:func:`calibrate_confidence` measures the range on given images and puts the thresholds
+a safety factor outside it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import FastlmkError, ModelError
+from .inference import localize
+from .io import as_image
+from .model import ConfidenceSpec, LandmarkModel
+
+__all__ = ["CalibrationResult", "calibrate_confidence", "write_calibration"]
+
+# Thresholds sit this factor outside the observed range: the images a model is
+# calibrated on are usually ones it was trained on, where its votes are surer than on
+# new images, and a flag on a good point costs a user a needless manual check.
+_MARGIN = 2.0
+# Percentiles rather than extremes, so that one odd point among the calibration images
+# (a landmark that really is cut off) does not disable the check.
+_LOW_PERCENTILE = 0.5
+_HIGH_PERCENTILE = 99.5
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    """Thresholds from :func:`calibrate_confidence` and what they were derived from.
+
+    Attributes:
+        spec: The model's confidence specification with ``min_weight``,
+            ``max_weight`` and ``max_spread_mm`` replaced.
+        images: Number of images localized.
+        points: Number of landmark estimates measured.
+        weight_range: ``(low, high)``: the 0.5th percentile of each point's smallest
+            stage weight and the 99.5th percentile of its largest.
+        spread_high_mm: The 99.5th percentile of the final vote spreads.
+    """
+
+    spec: ConfidenceSpec
+    images: int
+    points: int
+    weight_range: tuple[float, float]
+    spread_high_mm: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "images": self.images,
+            "points": self.points,
+            "weight_range": list(self.weight_range),
+            "spread_high_mm": self.spread_high_mm,
+        }
+
+
+def calibrate_confidence(
+    model: LandmarkModel,
+    images: Iterable[Any],
+    *,
+    spacing: float | tuple[float, ...] | None = None,
+    backend: str = "auto",
+) -> CalibrationResult:
+    """Set a model's flag thresholds from its votes on images it handles well.
+
+    ``min_weight`` becomes half the 0.5th percentile of the smallest stage weight of
+    each estimate, ``max_weight`` twice the 99.5th percentile of the largest, and
+    ``max_spread_mm`` twice the 99.5th percentile of the final vote spreads (never above
+    its previous value, the crop's half-width); ``spread_scale_mm`` is kept. (The
+    confidence itself is not thresholded: on new images it falls well below its range on
+    the calibration images for estimates that are still good.) The model itself is not
+    changed: apply the result with :func:`write_calibration`, or in memory with
+    ``dataclasses.replace(model.config, confidence=result.spec)``.
+
+    Args:
+        model: The model to calibrate.
+        images: Images that show every landmark (paths, arrays with ``spacing``,
+            SimpleITK images; see :func:`fastlmk.localize`), e.g. its validation images.
+        spacing: Pixel spacing in mm for image files that carry none (PNG/JPEG).
+        backend: Inference backend, as for :func:`fastlmk.localize`.
+
+    Returns:
+        The new thresholds and the figures they come from.
+
+    Raises:
+        FastlmkError: no image given, or no finite estimate on any of them.
+        InvalidImageError, MissingSpacingError: as :func:`fastlmk.localize`.
+    """
+    low_w, high_w, spreads = [], [], []
+    n_images = 0
+    for item in images:
+        image = as_image(item, spacing=spacing)
+        lm = localize(image, model, backend=backend)
+        n_images += 1
+        weights = [lm.details["global_weight"]]
+        if "local_weight" in lm.details:
+            weights.append(lm.details["local_weight"])
+        w = np.stack(weights)  # (stages, L)
+        ok = np.isfinite(lm.points_mm).all(axis=1) & np.isfinite(w).all(axis=0)
+        low_w.append(w.min(axis=0)[ok])
+        high_w.append(w.max(axis=0)[ok])
+        # The spread that the flag tests: the local stages' where there are any.
+        spread = lm.details.get("local_spread_mm", lm.details["global_spread_mm"])
+        spreads.append(np.asarray(spread)[ok])
+    if n_images == 0:
+        raise FastlmkError("calibrate_confidence needs at least one image")
+    lows, highs, spread_all = (np.concatenate(v) for v in (low_w, high_w, spreads))
+    if lows.size == 0:
+        raise FastlmkError(
+            f"no landmark was found on any of the {n_images} calibration images; calibrate "
+            "on images the model localizes correctly"
+        )
+    low = float(np.percentile(lows, _LOW_PERCENTILE))
+    high = float(np.percentile(highs, _HIGH_PERCENTILE))
+    spread_high = float(np.percentile(spread_all, _HIGH_PERCENTILE))
+    old = model.config.confidence
+    spec = replace(
+        old,
+        min_weight=low / _MARGIN,
+        max_weight=high * _MARGIN,
+        max_spread_mm=min(old.max_spread_mm, spread_high * _MARGIN),
+    )
+    return CalibrationResult(spec, n_images, int(lows.size), (low, high), spread_high)
+
+
+def write_calibration(model: LandmarkModel, result: CalibrationResult) -> Path:
+    """Store calibrated thresholds in the model's ``model.json`` (nothing else changes).
+
+    Only the ``confidence`` entry and ``metadata.confidence_calibration`` are rewritten,
+    so the weight files and any exported ONNX files stay valid.
+
+    Args:
+        model: A model loaded from a directory.
+        result: The output of :func:`calibrate_confidence` for this model.
+
+    Returns:
+        The ``model.json`` written.
+
+    Raises:
+        ModelError: the model was not loaded from a directory, or its model.json cannot be
+            read or written.
+    """
+    if model.path is None:
+        raise ModelError("the model was not loaded from a directory; save it first")
+    path = Path(model.path) / "model.json"
+    try:
+        doc = json.loads(path.read_text())
+        doc["confidence"] = result.spec.to_dict()
+        doc.setdefault("metadata", {})["confidence_calibration"] = result.to_dict()
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        tmp.replace(path)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"{path}: cannot update the confidence thresholds ({exc})") from exc
+    model.config = replace(model.config, confidence=result.spec)
+    return path
