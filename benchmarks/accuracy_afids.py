@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import statistics
@@ -31,6 +30,7 @@ import torch
 
 import fastlmk
 from fastlmk.afids import find_afids_data, read_consensus, read_rater
+from fastlmk.evaluate import result_to_json
 from fastlmk.inference import errors_mm
 from fastlmk.landmark_files import read_landmark_csv
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         result["deformed_images"] = len(deformed)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+        Path(args.out).write_text(result_to_json(result) + "\n")
         print(f"wrote {args.out}")
     return 0
 

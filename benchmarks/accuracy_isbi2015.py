@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import platform
 import subprocess
@@ -36,7 +35,7 @@ from typing import Any
 import numpy as np
 
 import fastlmk
-from fastlmk.evaluate import evaluate, format_report, mean_table
+from fastlmk.evaluate import evaluate, format_report, mean_table, result_to_json
 from fastlmk.landmark_files import LandmarkTable, read_landmark_csv
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "isbi2015"
@@ -277,7 +276,7 @@ def main() -> int:
     }
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=1))
+        Path(args.out).write_text(result_to_json(result) + "\n")
     if args.pred_out:
         from fastlmk.landmark_files import write_landmark_csv
 
