@@ -27,7 +27,8 @@ def test_calibrate_rewrites_only_the_thresholds(
     model_dir = tmp_path / "model"
     shutil.copytree(model_2d, model_dir)
     doc = json.loads((model_dir / "model.json").read_text())
-    doc["confidence"].update(min_weight=0.05, max_weight=None)
+    # An earlier, tighter spread threshold must not hold the new one down.
+    doc["confidence"].update(min_weight=0.05, max_weight=None, max_spread_mm=0.01)
     (model_dir / "model.json").write_text(json.dumps(doc))
     before = _digests(model_dir)
 
@@ -40,9 +41,10 @@ def test_calibrate_rewrites_only_the_thresholds(
     assert after["confidence"]["min_weight"] == pytest.approx(low / 2)
     assert after["confidence"]["max_weight"] == pytest.approx(high * 2)
     spread = after["metadata"]["confidence_calibration"]["spread_high_mm"]
-    assert after["confidence"]["max_spread_mm"] == pytest.approx(
-        min(doc["confidence"]["max_spread_mm"], 2 * spread)
-    )
+    local = doc["local"]  # the cap: half the local crop (16 pixels of 1 mm here)
+    sizes = zip(local["crop_size"], local["spacing"][::-1], strict=True)
+    half_crop = min(c * sp for c, sp in sizes) / 2
+    assert after["confidence"]["max_spread_mm"] == pytest.approx(min(half_crop, 2 * spread))
     assert after["metadata"]["confidence_calibration"]["images"] == 4
     assert {k: v for k, v in after.items() if k not in ("confidence", "metadata")} == {
         k: v for k, v in doc.items() if k not in ("confidence", "metadata")

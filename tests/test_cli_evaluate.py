@@ -76,6 +76,11 @@ def test_one_prediction_image_and_one_reference_file_are_paired(
     assert m["mre_mm"] == pytest.approx(1.0)
     assert m["paired_images"] == {"groundtruth": "tpl_T1w"}
 
+    # Two CSV files name their images: one image each under other ids is not paired.
+    ref156 = _csv(tmp_path / "ref156.csv", {"156": {"AC": truth[0], "PC": truth[1]}})
+    rc, _, err = _evaluate(["--pred", _csv(tmp_path / "p155.csv", pred), "--ref", ref156], capsys)
+    assert rc == 2 and "no image id is in both" in err
+
 
 def test_3d_predictions_against_a_2d_reference_is_a_one_line_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

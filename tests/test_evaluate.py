@@ -68,16 +68,17 @@ def test_one_image_each_is_paired_despite_different_ids() -> None:
         "groundtruth": {"groundtruth": {"p": np.zeros(3)}},
         "rater01": {"rater01": {"p": np.array([3.0, 0.0, 0.0])}},
     }
-    out = evaluate(pred, refs)["references"]
+    out = evaluate(pred, refs, pair_single_image=True)["references"]
     assert out["groundtruth"]["mre_mm"] == pytest.approx(1.0)
     assert out["groundtruth"]["paired_images"] == {"groundtruth": "tpl-T1w"}
     assert out["rater01"]["per_image"] == {"tpl-T1w": pytest.approx(2.0)}
     assert out["mean"]["mre_mm"] == pytest.approx(0.5)
     # Matching ids are not a pairing; with pairing off, different ids are an error.
-    same = evaluate(pred, {"r": {"tpl-T1w": {"p": np.zeros(3)}}})["references"]["r"]
-    assert same["paired_images"] == {}
+    same = evaluate(pred, {"r": {"tpl-T1w": {"p": np.zeros(3)}}}, pair_single_image=True)
+    assert same["references"]["r"]["paired_images"] == {}
+    # By default ids must match: ids written in a CSV name their image.
     with pytest.raises(EvaluationError, match="'groundtruth'"):
-        evaluate(pred, {"g": refs["groundtruth"]}, pair_single_image=False)
+        evaluate(pred, {"g": refs["groundtruth"]})
 
 
 def test_2d_against_3d_names_image_landmark_and_dimensionalities() -> None:

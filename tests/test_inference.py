@@ -212,6 +212,8 @@ def test_zeroed_global_network_flags_every_landmark(
             p.zero_()
     lm = localize(image, broken)
     assert lm.flagged.all()
+    # Every cell votes a little: far more weight than the calibrated maximum.
+    assert (lm.details["global_weight"] > model.config.confidence.max_weight).all()
 
 
 def test_calibrated_thresholds_bracket_the_votes(model: LandmarkModel, phantom_2d: Path) -> None:
@@ -227,7 +229,6 @@ def test_calibrated_thresholds_bracket_the_votes(model: LandmarkModel, phantom_2
     for path in images:
         d = localize(path, model).details
         for w in (d["global_weight"], d["local_weight"]):
-            assert (w >= low - 1e-9).all() or np.percentile(w, 50) > low
             assert (w > result.spec.min_weight).all() and (w < result.spec.max_weight).all()
     # The model trained by the fixture was calibrated the same way, on these images.
     assert model.config.confidence.min_weight == pytest.approx(result.spec.min_weight, rel=1e-4)

@@ -309,13 +309,19 @@ def test_truncated_jpeg_is_refused_and_trailing_metadata_is_not(tmp_path: Path) 
     assert data.endswith(b"\xff\xd9")
     whole = sitk.GetArrayFromImage(read_image(path, spacing=0.1))
     # Bytes after the end-of-image marker (appended metadata) are harmless.
-    (tmp_path / "tail.jpg").write_bytes(data + b"metadata" * 100)
+    (tmp_path / "tail.jpg").write_bytes(data + b"metadata" * 1000)
     np.testing.assert_array_equal(
         sitk.GetArrayFromImage(read_image(tmp_path / "tail.jpg", spacing=0.1)), whole
     )
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) * 2 // 3])
-    with pytest.raises(InvalidImageError, match=r"cut\.jpg: truncated JPEG"):
+    with pytest.raises(InvalidImageError, match=r"cut\.jpg: truncated or corrupt JPEG"):
         read_image(tmp_path / "cut.jpg", spacing=0.1)
+    # An embedded thumbnail (a whole JPEG, end marker included, in an APP1 segment near
+    # the start) does not make a truncated file look complete.
+    app1 = b"\xff\xe1" + (len(data) + 2).to_bytes(2, "big") + data
+    (tmp_path / "thumb.jpg").write_bytes(data[:2] + app1 + data[2 : len(data) * 2 // 3])
+    with pytest.raises(InvalidImageError, match="truncated or corrupt JPEG"):
+        read_image(tmp_path / "thumb.jpg", spacing=0.1)
 
 
 def test_empty_missing_and_garbage_files(tmp_path: Path) -> None:

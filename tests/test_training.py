@@ -253,3 +253,21 @@ def test_many_points_outside_the_images_mean_a_wrong_convention(
 
     with pytest.raises(TrainConfigError, match=r"outside their images.*LPS coordinates in mm"):
         train(_phantom_with_edited_landmarks(phantom_2d, tmp_path, edit), log=lambda m: None)
+
+
+def test_points_outside_are_counted_among_the_trained_landmarks_only(
+    phantom_2d: Path, tmp_path: Path
+) -> None:
+    def edit(rows: list[list[str]]) -> None:
+        extra = []
+        for row in rows[1:]:
+            if row[1] == "apex":
+                row[2] = str(float(row[2]) * 10)
+                # Twelve more landmarks per image that this model does not train.
+                extra += [[row[0], f"other{k}", "1.0", "1.0"] for k in range(12)]
+        rows += extra
+
+    cfg = _phantom_with_edited_landmarks(phantom_2d, tmp_path, edit)
+    cfg["landmarks"] = ["apex"]
+    with pytest.raises(TrainConfigError, match="outside their images"):
+        train(cfg, log=lambda m: None)

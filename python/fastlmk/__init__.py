@@ -9,6 +9,7 @@ Coordinates are physical ITK/LPS millimetres ordered (x, y[, z]).
 """
 
 from .errors import (
+    EvaluationError,
     FastlmkError,
     InvalidImageError,
     LandmarkFileError,
@@ -26,6 +27,7 @@ from .train import train
 __version__ = "0.1.0"
 
 __all__ = [
+    "EvaluationError",
     "FastlmkError",
     "InvalidImageError",
     "LandmarkFileError",

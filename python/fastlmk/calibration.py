@@ -22,7 +22,7 @@ import numpy as np
 from .errors import FastlmkError, ModelError
 from .inference import localize
 from .io import as_image
-from .model import ConfidenceSpec, LandmarkModel
+from .model import ConfidenceSpec, LandmarkModel, load_model
 
 __all__ = ["CalibrationResult", "calibrate_confidence", "write_calibration"]
 
@@ -65,8 +65,21 @@ class CalibrationResult:
         }
 
 
+def _spread_cap_mm(model: LandmarkModel) -> float:
+    """The largest meaningful spread threshold: the smallest local crop's half-width."""
+    cfg = model.config
+    stages = list(cfg.local_stages.values())
+    if stages:
+        # crop_size is in array order, spacing in (x, y[, z]) order.
+        return float(
+            min((np.array(s.crop_size) * np.array(s.spacing[::-1])).min() / 2 for s in stages)
+        )
+    g = cfg.global_stage
+    return 10.0 * float(np.mean(g.spacing)) * g.network.stride
+
+
 def calibrate_confidence(
-    model: LandmarkModel,
+    model: LandmarkModel | str | Path,
     images: Iterable[Any],
     *,
     spacing: float | tuple[float, ...] | None = None,
@@ -76,15 +89,17 @@ def calibrate_confidence(
 
     ``min_weight`` becomes half the 0.5th percentile of the smallest stage weight of
     each estimate, ``max_weight`` twice the 99.5th percentile of the largest, and
-    ``max_spread_mm`` twice the 99.5th percentile of the final vote spreads (never above
-    its previous value, the crop's half-width); ``spread_scale_mm`` is kept. (The
+    ``max_spread_mm`` twice the 99.5th percentile of the final vote spreads, at most the
+    half-width of the smallest local crop (beyond it the estimate would not be inside
+    the crop it came from; without local stages ten global cells);
+    ``spread_scale_mm`` is kept. (The
     confidence itself is not thresholded: on new images it falls well below its range on
     the calibration images for estimates that are still good.) The model itself is not
     changed: apply the result with :func:`write_calibration`, or in memory with
     ``dataclasses.replace(model.config, confidence=result.spec)``.
 
     Args:
-        model: The model to calibrate.
+        model: The model to calibrate (a loaded model, a directory or a bundled name).
         images: Images that show every landmark (paths, arrays with ``spacing``,
             SimpleITK images; see :func:`fastlmk.localize`), e.g. its validation images.
         spacing: Pixel spacing in mm for image files that carry none (PNG/JPEG).
@@ -97,6 +112,8 @@ def calibrate_confidence(
         FastlmkError: no image given, or no finite estimate on any of them.
         InvalidImageError, MissingSpacingError: as :func:`fastlmk.localize`.
     """
+    if not isinstance(model, LandmarkModel):
+        model = load_model(model)
     low_w, high_w, spreads = [], [], []
     n_images = 0
     for item in images:
@@ -129,7 +146,7 @@ def calibrate_confidence(
         old,
         min_weight=low / _MARGIN,
         max_weight=high * _MARGIN,
-        max_spread_mm=min(old.max_spread_mm, spread_high * _MARGIN),
+        max_spread_mm=min(_spread_cap_mm(model), spread_high * _MARGIN),
     )
     return CalibrationResult(spec, n_images, int(lows.size), (low, high), spread_high)
 

@@ -64,71 +64,119 @@ def _image_id(item: str | Path) -> str:
 
 
 def _unique_ids(items: Sequence[str]) -> list[str]:
-    """One id per input; a repeated name gets ``-2``, ``-3``... so no output is overwritten."""
+    """One id per input; a repeated name gets ``-2``, ``-3``... so no output is overwritten.
+
+    Compared without case, since ``Scan.csv`` and ``scan.csv`` are one file on
+    case-insensitive file systems.
+    """
     ids: list[str] = []
     for item in items:
         base = _image_id(item)
         candidate, n = base, 1
-        while candidate in ids:
+        while candidate.casefold() in {i.casefold() for i in ids}:
             n += 1
             candidate = f"{base}-{n}"
         if candidate != base:
-            print(f"note: {item}: an earlier input has the id {base!r}; written as {candidate!r}")
+            print(
+                f"note: {item}: an earlier input has the id {base!r}; written as {candidate!r}",
+                file=sys.stderr,
+            )
         ids.append(candidate)
     return ids
 
 
+def _previous_table(path: Path, names: Sequence[str], dim: int) -> dict:
+    """The ``landmarks.csv`` a previous run of this model left in the output directory.
+
+    Kept and updated rather than replaced; a file that is not such a table (another
+    model's landmarks, other dimensionality, annotations) is refused before any work.
+    """
+    from .landmark_files import read_landmark_csv
+
+    if not path.is_file():
+        return {}
+    try:
+        table = read_landmark_csv(path)
+    except FastlmkError as exc:
+        raise FastlmkError(
+            f"{path} exists but cannot be read ({exc}); move it or choose another --out"
+        ) from exc
+    foreign = {n for pts in table.values() for n in pts} - set(names)
+    dims = {len(p) for pts in table.values() for p in pts.values()}
+    if foreign or dims - {dim}:
+        what = f"landmarks {sorted(foreign)[:5]}" if foreign else f"{sorted(dims)}D points"
+        raise FastlmkError(
+            f"{path} holds {what} that this model ({dim}D) does not write; it is not a "
+            "previous result of this model, and is kept: move it or choose another --out"
+        )
+    return table
+
+
 def _cmd_localize(args: argparse.Namespace) -> int:
+    import time
+
     from .inference import localize
     from .io import as_image
-    from .landmark_files import read_landmark_csv, write_landmark_csv
+    from .landmark_files import write_landmark_csv
     from .model import load_model
     from .overlay import write_overlay
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise FastlmkError(f"--out {out} is a file; give a directory (new or existing)")
-    # A previous run's table in the same directory is kept and updated, not replaced.
-    table_path = out / "landmarks.csv"
-    table = {}
-    if table_path.is_file():
-        try:
-            table = read_landmark_csv(table_path)
-        except FastlmkError as exc:
-            raise FastlmkError(
-                f"{table_path} exists but cannot be read ({exc}); move it or choose another --out"
-            ) from exc
     model = load_model(args.model)
-    out.mkdir(parents=True, exist_ok=True)
+    table_path = out / "landmarks.csv"
+    table = _previous_table(table_path, model.names, model.dim)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FastlmkError(
+            f"--out {out}: cannot create the directory ({exc.strerror or exc}); give a "
+            "directory path whose parents are directories"
+        ) from exc
     spacing = _spacing(args)
     failures = 0
+    last_write = time.monotonic()
     for item, name in zip(args.inputs, _unique_ids(args.inputs), strict=True):
         try:
             image = as_image(item, spacing=spacing)
             lm = localize(image, model, backend=args.backend)
+            lm.image = name
+            lm.to_csv(out / f"{name}.csv")
+            lm.to_json(out / f"{name}.json")
+            lm.to_slicer(out / f"{name}.mrk.json")
+            if args.overlay:
+                write_overlay(image, lm, out / f"{name}.png")
         except FastlmkError as exc:
             # Most messages already start with the path; name it once.
             where = "" if str(exc).startswith(str(item)) else f"{item}: "
             print(f"error: {where}{exc}", file=sys.stderr)
             failures += 1
             continue
-        lm.image = name
-        lm.to_csv(out / f"{name}.csv")
-        lm.to_json(out / f"{name}.json")
-        lm.to_slicer(out / f"{name}.mrk.json")
-        if args.overlay:
-            write_overlay(image, lm, out / f"{name}.png")
-        # The table holds the points that were found; one that was not (NaN, always
-        # flagged) is in the image's own CSV/JSON with its flag.
+        # The table holds the points that were found; one without an estimate (NaN,
+        # always flagged) is named under "not_found" in the image's JSON.
+        # An earlier run's entry for this id is replaced (if this run fails on the image,
+        # the earlier entry stays, as do the earlier run's files for it).
         found = {n: p for n, p in zip(lm.names, lm.points_mm, strict=True) if math.isfinite(sum(p))}
         table.pop(name, None)
         if found:
             table[name] = found
         n_flag = int(lm.flagged.sum())
-        print(f"{item}: {len(lm)} landmarks" + (f", {n_flag} flagged" if n_flag else ""))
-        # Written after every image so an interruption keeps what was done.
-        if table:
+        missing = lm.not_found()
+        print(
+            f"{item}: {len(lm)} landmarks"
+            + (f", {n_flag} flagged" if n_flag else "")
+            + (f", not found: {', '.join(missing)}" if missing else "")
+        )
+        # Rewritten every few seconds (not after every image: the table grows) so an
+        # interruption loses little, and at the end.
+        if table and time.monotonic() - last_write > 5.0:
             write_landmark_csv(table_path, table)
+            last_write = time.monotonic()
+    if table:
+        write_landmark_csv(table_path, table)
+    elif table_path.is_file():  # its only image was re-run and nothing was found
+        table_path.unlink()
     return 1 if failures else 0
 
 
@@ -138,6 +186,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .landmark_files import read_landmarks
 
     pred: dict = {}
+    pred_files: list[Path] = []
     for p in args.pred:
         path = Path(p)
         files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
@@ -146,6 +195,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
                 f"{path}: no .csv file in this directory; expected landmark CSV files "
                 "(as written by `fastlmk localize`). Pass those files or their directory."
             )
+        pred_files += files
         for f in files:
             for image_id, pts in read_landmarks(f).items():
                 pred.setdefault(image_id, {}).update(pts)
@@ -153,7 +203,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     # so that no reference replaces another in the dictionary.
     names = reference_names(args.ref)
     refs = {name: read_landmarks(r) for name, r in zip(names, args.ref, strict=True)}
-    result = evaluate(pred, refs)
+    # Slicer files hold one image keyed by the file name, which says nothing about which
+    # image it is: only then may one prediction image and one reference image with
+    # different ids be taken as the same image. Ids written in CSV/JSON must match.
+    named_by_file = [
+        str(f).lower().endswith((".fcsv", ".mrk.json")) for f in [*pred_files, *args.ref]
+    ]
+    result = evaluate(pred, refs, pair_single_image=any(named_by_file))
     for name, m in result["references"].items():
         for ref_id, pred_id in m["paired_images"].items():
             print(

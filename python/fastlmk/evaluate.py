@@ -216,7 +216,7 @@ def evaluate(
     references: Mapping[str, LandmarkTable],
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS_MM,
     *,
-    pair_single_image: bool = True,
+    pair_single_image: bool = False,
 ) -> dict[str, Any]:
     """Compare predictions with one or more references.
 
@@ -227,7 +227,9 @@ def evaluate(
         thresholds: SDR radii in mm.
         pair_single_image: Where ``pred`` and a reference hold one image each, under
             different ids, evaluate them as the same image (recorded in
-            ``paired_images``). False: ids must match.
+            ``paired_images``). Meant for single-image files keyed by their file name
+            (.fcsv, .mrk.json), whose ids say nothing about the image; by default the
+            ids must match.
 
     Returns:
         ``{"thresholds_mm": [...], "references": {name: metrics}}`` where metrics hold

@@ -67,7 +67,11 @@ __all__ = [
 _OPSET = 17
 _INPUT, _OUTPUTS = "image", ("logits", "disp")
 # Hashing reads every weight: do it once per loaded model.
-_HASHES: weakref.WeakKeyDictionary[LandmarkModel, str] = weakref.WeakKeyDictionary()
+# model -> (the config it was computed for, hash): a new config (e.g. recalibrated
+# thresholds) is a new hash, while unchanged models skip re-hashing their weights.
+_HASHES: weakref.WeakKeyDictionary[LandmarkModel, tuple[object, str]] = (
+    weakref.WeakKeyDictionary()
+)
 
 #: The file, in a directory of ONNX files, that records which network each was made from.
 RECORD_FILE = "onnx.json"
@@ -118,15 +122,15 @@ def model_hash(model: LandmarkModel) -> str:
     wherever they are stored; any change of a weight changes the hash.
     """
     cached = _HASHES.get(model)
-    if cached is not None:
-        return cached
+    if cached is not None and cached[0] is model.config:
+        return cached[1]
     h = hashlib.sha256(json.dumps(model.config.to_dict(), sort_keys=True).encode())
     for net in (model.network(stage) for stage in model.stage_names):
         for name, t in net.state_dict().items():
             h.update(name.encode())
             h.update(t.detach().cpu().contiguous().numpy().tobytes())
     digest = h.hexdigest()[:16]
-    _HASHES[model] = digest
+    _HASHES[model] = (model.config, digest)
     return digest
 
 

@@ -217,27 +217,59 @@ def _check_nifti_complete(path: Path) -> None:
         )
 
 
+def _jpeg_is_complete(data: bytes) -> bool:
+    """Whether JPEG bytes reach their end-of-image marker (0xFF 0xD9).
+
+    Walks the marker segments from the start: each header segment carries its length;
+    after a start-of-scan segment the compressed data runs until the next marker (inside
+    it, 0xFF is always followed by 0x00 or a restart marker 0xD0-0xD7). Bytes after the
+    end-of-image marker (appended metadata, a second image) do not matter.
+    """
+    pos, n = 2, len(data)
+    while pos + 1 < n:
+        if data[pos] != 0xFF:
+            return False  # not at a marker: corrupt
+        marker = data[pos + 1]
+        if marker == 0xD9:
+            return True
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
+            pos += 2
+            continue
+        if pos + 3 >= n:
+            return False
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xDA:  # start of scan: skip the entropy-coded data
+            while True:
+                pos = data.find(b"\xff", pos)
+                if pos < 0 or pos + 1 >= n:
+                    return False
+                following = data[pos + 1]
+                if following == 0x00 or 0xD0 <= following <= 0xD7:
+                    pos += 2
+                    continue
+                break
+    return False
+
+
 def _check_jpeg_complete(path: Path) -> None:
-    """Raise if a JPEG file lacks its end-of-image marker (a truncated download or copy).
+    """Raise if a JPEG file ends before its end-of-image marker (a truncated copy).
 
     The JPEG reader only prints "Premature end of JPEG file" and fills the missing rows
-    with grey, which would be localized as if it were anatomy. Some writers append
-    metadata after the marker, so the last 4 KiB are searched rather than the last two
-    bytes; inside the compressed data an 0xFF byte is always followed by 0x00 or a restart
-    marker, so 0xFF 0xD9 there is the real end.
+    with grey, which would be localized as if it were anatomy.
     """
     if path.suffix.lower() not in (".jpg", ".jpeg"):
         return
     try:
-        with path.open("rb") as f:
-            start = f.read(2)
-            f.seek(max(path.stat().st_size - 4096, 0))
-            tail = f.read()
+        data = path.read_bytes()
     except OSError as exc:
         raise InvalidImageError(f"{path}: cannot read file ({exc}).") from exc
-    if start == b"\xff\xd8" and b"\xff\xd9" not in tail:
+    if data[:2] == b"\xff\xd8" and not _jpeg_is_complete(data):
         raise InvalidImageError(
-            f"{path}: truncated JPEG file (no end-of-image marker). Re-export or re-download it."
+            f"{path}: truncated or corrupt JPEG file (it ends before its end-of-image "
+            "marker). Re-export or re-download it."
         )
 
 

@@ -79,42 +79,63 @@ class Landmarks:
             ],
         }
 
+    def _found(self) -> np.ndarray:
+        """``(L,)`` bool: the landmarks that have an estimate (finite position)."""
+        return np.isfinite(self.points_mm).all(axis=1)
+
+    def not_found(self) -> list[str]:
+        """Names of the landmarks without any estimate (NaN position, always flagged)."""
+        return [n for n, ok in zip(self.names, self._found(), strict=True) if not ok]
+
     def to_csv(self, path: str | Path) -> Path:
-        """Write the interchange CSV ``image,landmark,x,y[,z]`` (LPS mm)."""
-        table = {self.image or Path(path).stem: dict(zip(self.names, self.points_mm, strict=True))}
-        landmark_files.write_landmark_csv(path, table)
+        """Write the interchange CSV ``image,landmark,x,y[,z]`` (LPS mm).
+
+        Landmarks without an estimate have no row (:meth:`not_found` lists them; the
+        JSON file names them too); with none found the file holds the header only.
+        """
+        found = self._found()
+        table = {
+            self.image or Path(path).stem: {
+                n: p for n, p, ok in zip(self.names, self.points_mm, found, strict=True) if ok
+            }
+        }
+        if found.any():
+            landmark_files.write_landmark_csv(path, table)
+        else:
+            Path(path).write_text("image,landmark," + ",".join("xyz"[: self.dim]) + "\n")
         return Path(path)
 
     def to_json(self, path: str | Path) -> Path:
-        """Write JSON with positions, voxel indices, confidence and flags."""
+        """Write JSON with positions, voxel indices, confidence and flags.
+
+        Landmarks without an estimate are listed under ``extra.not_found`` instead.
+        """
+        ok = self._found()
         landmark_files.write_landmark_json(
             path,
-            self.names,
-            self.points_mm,
+            [n for n, keep in zip(self.names, ok, strict=True) if keep],
+            self.points_mm[ok],
             image=self.image or None,
-            confidence=self.confidence,
-            flagged=self.flagged,
-            extra={"index": self.index.tolist()},
+            confidence=self.confidence[ok],
+            flagged=self.flagged[ok],
+            extra={"index": self.index[ok].tolist(), "not_found": self.not_found()},
         )
         return Path(path)
 
     def to_slicer(self, path: str | Path) -> Path:
-        """Write a 3D Slicer markups file (``.mrk.json``, coordinate system LPS)."""
+        """Write a 3D Slicer markups file (``.mrk.json``, coordinate system LPS).
+
+        Landmarks without an estimate are left out.
+        """
+        ok = self._found()
         landmark_files.write_slicer_markups(
-            path, self.names, self.points_mm, confidence=self.confidence, flagged=self.flagged
+            path,
+            [n for n, keep in zip(self.names, ok, strict=True) if keep],
+            self.points_mm[ok],
+            confidence=self.confidence[ok],
+            flagged=self.flagged[ok],
         )
         return Path(path)
-
-    def __repr__(self) -> str:
-        rows = [
-            f"Landmarks(image={self.image!r}, n={len(self)}, flagged={int(self.flagged.sum())})"
-        ]
-        for n, p, c, f in zip(
-            self.names, self.points_mm, self.confidence, self.flagged, strict=True
-        ):
-            coords = ", ".join(f"{v:8.2f}" for v in p)
-            rows.append(f"  {n:<28s} ({coords}) mm  conf {c:.2f}{'  FLAGGED' if f else ''}")
-        return "\n".join(rows)
 
 
 def _floats(values: np.ndarray) -> list[float | None]:

@@ -208,7 +208,9 @@ class ConfidenceSpec:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ConfidenceSpec:
-        return cls(**{k: float("inf") if v is None else float(v) for k, v in d.items()})
+        # Only max_weight may be null ("no upper bound"); JSON cannot hold infinity.
+        unbounded = {k: v is None and k == "max_weight" for k, v in d.items()}
+        return cls(**{k: float("inf") if unbounded[k] else float(v) for k, v in d.items()})
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,8 @@ def _prepare(
             sample.fine = torch.from_numpy(fine.array)[None, None]
             sample.fine_lm = torch.from_numpy(fine.physical_to_index(pts)).float()
         out.append(sample)
-    _check_outside(outside, sum(len(table[i]) for i in image_ids), log)
+    trained = set(config.landmarks)
+    _check_outside(outside, sum(len(trained & set(table[i])) for i in image_ids), log)
     log(f"prepared {len(out)} images in {time.perf_counter() - t0:.1f} s")
     return out
 
