@@ -64,3 +64,24 @@ def test_calibrate_needs_readable_images(
     assert main(["calibrate", str(model_dir), str(bad)]) == 2
     assert "bad.mha" in capsys.readouterr().err
     assert (model_dir / "model.json").read_text() == before
+
+
+def test_images_the_model_does_not_localize_are_refused(
+    model_2d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+    import SimpleITK as sitk
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(model_2d, model_dir)
+    before = (model_dir / "model.json").read_text()
+    blank = tmp_path / "blank.mha"
+    sitk.WriteImage(sitk.GetImageFromArray(np.zeros((96, 96), np.float32)), str(blank))
+    assert main(["calibrate", str(model_dir), str(blank)]) == 2
+    assert "would switch the flags off" in capsys.readouterr().err
+    assert (model_dir / "model.json").read_text() == before
+
+
+def test_calibrate_wants_a_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["calibrate", "ceph-isbi2015", str(tmp_path / "x.jpg")]) == 2
+    assert "give a model directory" in capsys.readouterr().err

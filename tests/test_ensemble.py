@@ -344,3 +344,16 @@ def test_float16_weights_halve_the_files_and_load_as_float32(
         next(a.global_net.parameters()).view(-1)[0] = 1e6
     with pytest.raises(ModelError, match="exceeds"):
         a.save(tmp_path / "y", weights_dtype="float16")
+
+
+def test_a_network_given_twice_is_warned_about(model_2d: Path) -> None:
+    with pytest.warns(UserWarning, match="counts twice in the vote"):
+        ensemble_local([model_2d, model_2d], name="twice")
+
+
+def test_models_of_other_orientations_are_not_pooled(model_2d: Path, tmp_path: Path) -> None:
+    other = load_model(model_2d)
+    other.config = replace(other.config, orientation="RAS")
+    other.save(tmp_path / "ras")
+    with pytest.raises(ModelError, match="orientation"):
+        ensemble_local([model_2d, tmp_path / "ras"])

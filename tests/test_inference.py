@@ -235,3 +235,13 @@ def test_calibrated_thresholds_bracket_the_votes(model: LandmarkModel, phantom_2
     assert model.config.metadata["confidence_calibration"]["images"] == 4
     with pytest.raises(fastlmk.FastlmkError, match="at least one image"):
         calibrate_confidence(model, [])
+
+
+@pytest.mark.parametrize(
+    ("spacing", "message"), [(1e-6, "smaller than one cell"), (1e3, "far beyond")]
+)
+def test_an_absurd_spacing_is_refused_before_any_work(
+    model: LandmarkModel, spacing: float, message: str
+) -> None:
+    with pytest.raises(InvalidImageError, match=message):
+        localize(np.zeros((96, 96), np.float32), model, spacing=spacing)

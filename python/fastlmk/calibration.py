@@ -30,6 +30,13 @@ __all__ = ["CalibrationResult", "calibrate_confidence", "write_calibration"]
 # calibrated on are usually ones it was trained on, where its votes are surer than on
 # new images, and a flag on a good point costs a user a needless manual check.
 _MARGIN = 2.0
+# A network trained with one positive cell per landmark gives a landmark it sees a vote
+# weight near one. Calibration images on which more than _MAX_UNSEEN_SHARE of the
+# estimates have a stage weight below _UNSEEN_WEIGHT are not images the model localizes
+# well: a blank or foreign image would teach "landmark not seen" as normal and switch
+# the flags off.
+_UNSEEN_WEIGHT = 0.25
+_MAX_UNSEEN_SHARE = 0.05
 # Percentiles rather than extremes, so that one odd point among the calibration images
 # (a landmark that really is cut off) does not disable the check.
 _LOW_PERCENTILE = 0.5
@@ -109,7 +116,10 @@ def calibrate_confidence(
         The new thresholds and the figures they come from.
 
     Raises:
-        FastlmkError: no image given, or no finite estimate on any of them.
+        FastlmkError: no image given, no finite estimate on any of them, or more than
+            5 % of the estimates with a stage vote weight below 0.25, where a seen
+            landmark has about 1 (images the model does not localize well; they would
+            make the flags useless).
         InvalidImageError, MissingSpacingError: as :func:`fastlmk.localize`.
     """
     if not isinstance(model, LandmarkModel):
@@ -133,6 +143,15 @@ def calibrate_confidence(
     if n_images == 0:
         raise FastlmkError("calibrate_confidence needs at least one image")
     lows, highs, spread_all = (np.concatenate(v) for v in (low_w, high_w, spreads))
+    unseen = int(np.sum(lows < _UNSEEN_WEIGHT))
+    if unseen > _MAX_UNSEEN_SHARE * lows.size:
+        raise FastlmkError(
+            f"on the {n_images} calibration images, {unseen} of {lows.size} estimates "
+            f"have a stage vote weight below {_UNSEEN_WEIGHT} (a landmark the networks "
+            "see gets about 1): these are not images the model localizes well, and "
+            "calibrating on them would switch the flags off; calibrate on images that "
+            "show every landmark, like its training images"
+        )
     if lows.size == 0:
         raise FastlmkError(
             f"no landmark was found on any of the {n_images} calibration images; calibrate "

@@ -292,6 +292,12 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate_confidence, write_calibration
     from .model import load_model
 
+    if not Path(args.model).is_dir():
+        raise FastlmkError(
+            f"calibrate rewrites the model's model.json: give a model directory, not "
+            f"{args.model!r} (to change a bundled model, copy its directory first: "
+            "fastlmk.load_model(name).path)"
+        )
     model = load_model(args.model)
     before = model.config.confidence
     result = calibrate_confidence(model, args.images, spacing=_spacing(args), backend=args.backend)

@@ -16,9 +16,11 @@ name.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -584,6 +586,16 @@ def load_model(name_or_dir: str | Path | LandmarkModel) -> LandmarkModel:
     return model
 
 
+def _state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of a network's weights (names and values)."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu()
+        h.update(key.encode())
+        h.update((t.float() if t.is_floating_point() else t).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def ensemble_local(
     models: list[LandmarkModel | str | Path], name: str | None = None
 ) -> LandmarkModel:
@@ -621,14 +633,20 @@ def ensemble_local(
         tuple[tuple[float, ...], tuple[int, ...]],
         tuple[StageSpec, list[NetworkSpec], list[dict[str, torch.Tensor]]],
     ] = {}
+    seen: dict[str, str] = {}
     for m in loaded:
         where = f"model {m.config.name!r} ({m.path})"
         if m.config.local_stage is None or m.local_net is None:
             raise ModelError(f"ensemble_local: {where} has no local stage")
-        if (m.names, m.dim, m.config.intensity) != (first.names, first.dim, first.config.intensity):
+        if (m.names, m.dim, m.config.intensity, m.config.orientation) != (
+            first.names,
+            first.dim,
+            first.config.intensity,
+            first.config.orientation,
+        ):
             raise ModelError(
-                f"ensemble_local: {where} differs in landmarks, dimension or intensity "
-                f"normalisation from {first.config.name!r}"
+                f"ensemble_local: {where} differs in landmarks, dimension, intensity "
+                f"normalisation or orientation from {first.config.name!r}"
             )
         for stage_name, stage in m.config.local_stages.items():
             _, specs, states = groups.setdefault(
@@ -636,12 +654,24 @@ def ensemble_local(
             )
             net = m.network(stage_name)
             if isinstance(net, NetworkEnsemble):
-                specs += list(net.spec.members)
-                states += [_state(member) for member in net.members]
+                new_specs, new_states = list(net.spec.members), [_state(x) for x in net.members]
             else:
                 assert isinstance(stage.network, NetworkSpec)
-                specs.append(stage.network)
-                states.append(_state(net))
+                new_specs, new_states = [stage.network], [_state(net)]
+            for state in new_states:
+                # The same network twice counts double in the pooled vote: harmless
+                # alone (the same points), a silent reweighting beside other networks.
+                digest = _state_digest(state)
+                if digest in seen:
+                    warnings.warn(
+                        f"ensemble_local: {where} holds a local network that {seen[digest]} "
+                        "already holds (a model given twice, or an ensemble and one of its "
+                        "members); it counts twice in the vote",
+                        stacklevel=2,
+                    )
+                seen[digest] = where
+            specs += new_specs
+            states += new_states
     stages = [
         replace(spec0, network=specs[0] if len(specs) == 1 else EnsembleSpec(tuple(specs)))
         for spec0, specs, _ in groups.values()

@@ -66,6 +66,27 @@ class NetworkSpec:
             raise ValueError(
                 f"network spec: pools={self.pools} must be in [0, {len(self.channels)}]"
             )
+        # Zero or negative sizes otherwise fail deep inside torch (negative tensor
+        # dimensions, convolutions without a kernel), far from the setting that caused it.
+        if any(c < 1 for c in self.channels):
+            raise ValueError(
+                f"network spec: channels {self.channels} must all be >= 1; give positive "
+                "feature counts"
+            )
+        if any(b < 0 for b in self.blocks):
+            raise ValueError(
+                f"network spec: blocks {self.blocks} must all be >= 0; give block counts"
+            )
+        if self.stem_kernel < 1:
+            raise ValueError(
+                f"network spec: stem_kernel={self.stem_kernel} must be >= 1; give a kernel "
+                "size such as 5"
+            )
+        if self.head_channels < 0:
+            raise ValueError(
+                f"network spec: head_channels={self.head_channels} must be >= 0 (0: no "
+                "hidden head layer)"
+            )
 
     @property
     def stride(self) -> int:

@@ -40,7 +40,8 @@
                                         # autocast (weights, optimiser and loss in float32)
     channels_last = true                # channels-last weights and activations
     global_from = "runs/other-model"    # optional: reuse (and freeze) this model's global
-                                        # network; only the local networks are trained
+                                        # network; only the local networks are trained;
+                                        # a directory or a bundled model name
 
 Relative paths are relative to the configuration file. Each iteration takes one
 optimisation step of the global network (unless it comes from ``global_from``) and one of
@@ -52,6 +53,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 import time
 import tomllib
@@ -77,6 +79,7 @@ from .model import (
     ModelConfig,
     StageSpec,
     as_float_tuple,
+    available_models,
     load_model,
 )
 from .networks import LandmarkFCN, NetworkEnsemble, network_spec_from_dict
@@ -98,6 +101,174 @@ class TrainConfigError(FastlmkError, ValueError):
     """The training configuration is invalid."""
 
 
+def _section(cfg: dict[str, Any], name: str) -> dict[str, Any]:
+    """The ``[name]`` table of the configuration (empty when absent).
+
+    Raises:
+        TrainConfigError: the value is not a table.
+    """
+    value = cfg.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TrainConfigError(
+            f"[{name}] must be a table of settings, got {value!r}; write it as a "
+            f"[{name}] section (or a dict in the Python API)"
+        )
+    return value
+
+
+def _number(
+    section: str,
+    key: str,
+    value: Any,
+    kind: type[int] | type[float],
+    minimum: float | None = None,
+    below: float | None = None,
+) -> Any:
+    """A numeric setting, checked for its type and range.
+
+    Args:
+        section: Configuration section, for the message (``"train"``; ``""``: top level).
+        key: The setting's key.
+        value: Its value.
+        kind: ``int`` (an integral number: 3 or 3.0, never 2.7) or ``float`` (finite).
+        minimum: Smallest allowed value, if any.
+        below: The value must be smaller than this, if given.
+
+    Returns:
+        The value as ``kind``.
+
+    Raises:
+        TrainConfigError: not a number of that kind, or out of range.
+    """
+    where = f"[{section}] {key}" if section else key
+    expected = "an integer" if kind is int else "a finite number"
+    if minimum is not None:
+        expected += f" >= {minimum:g}"
+    if below is not None:
+        expected += f" and < {below:g}"
+    # bool is an int in Python, but "true" is never a meaningful count or rate.
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if ok and not math.isfinite(value):
+        ok = False
+    if ok and kind is int and not float(value).is_integer():
+        ok = False
+    if ok and minimum is not None and value < minimum:
+        ok = False
+    if ok and below is not None and value >= below:
+        ok = False
+    if not ok:
+        raise TrainConfigError(
+            f"{where} = {value!r} is invalid: expected {expected}; correct it in the "
+            "training configuration"
+        )
+    return kind(value)
+
+
+def _setting(
+    table: dict[str, Any],
+    section: str,
+    key: str,
+    default: Any,
+    kind: type[int] | type[float],
+    minimum: float | None = None,
+    below: float | None = None,
+) -> Any:
+    """``table[key]`` (or ``default``) checked by :func:`_number`."""
+    return _number(section, key, table.get(key, default), kind, minimum, below)
+
+
+def _int_list(section: str, key: str, value: Any, minimum: int) -> list[int]:
+    """A list of integers >= ``minimum`` (sizes, channel counts).
+
+    Raises:
+        TrainConfigError: not a list, or an entry that is not such an integer.
+    """
+    if not isinstance(value, list | tuple) or not value:
+        raise TrainConfigError(
+            f"[{section}] {key} = {value!r} is invalid: expected a non-empty list of "
+            f"integers >= {minimum} (e.g. [16, 16]); write it as a list"
+        )
+    return [_number(section, f"{key} entry", v, int, minimum) for v in value]
+
+
+def _bool(section: str, key: str, value: Any) -> bool:
+    """A true/false setting (a string such as "no" would otherwise count as true)."""
+    if not isinstance(value, bool):
+        raise TrainConfigError(
+            f"[{section}] {key} = {value!r} is invalid: expected true or false"
+        )
+    return value
+
+
+def _landmark_list(value: Any) -> list[str]:
+    """The top-level ``landmarks`` setting: a non-empty list of unique non-empty names.
+
+    Raises:
+        TrainConfigError: a string (which would be read letter by letter), an empty
+            list, an entry that is not a non-empty string, or a repeated name.
+    """
+    if not isinstance(value, list | tuple) or not value:
+        raise TrainConfigError(
+            f"landmarks = {value!r} is invalid: expected a non-empty list of landmark "
+            'names, e.g. landmarks = ["apex"]; omit it to train every annotated landmark'
+        )
+    bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+    if bad:
+        raise TrainConfigError(
+            f"landmarks: {bad[:5]} are not landmark names: expected non-empty strings"
+        )
+    repeated = sorted({v for v in value if value.count(v) > 1})
+    if repeated:
+        raise TrainConfigError(
+            f"landmarks lists {repeated} more than once: expected unique names; "
+            "remove the repetitions"
+        )
+    return list(value)
+
+
+def _check_annotated(names: list[str], table: LandmarkTable, train_ids: list[str]) -> None:
+    """Every configured landmark must be annotated on at least one training image.
+
+    A name that is never annotated trains on nothing, yet the model would return a
+    position for it with no flag.
+    """
+    present: dict[str, None] = {}
+    for image_id in train_ids:
+        present.update(dict.fromkeys(table[image_id]))
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise TrainConfigError(
+            f"landmarks {missing} are not annotated on any training image: every name "
+            "in 'landmarks' must appear in the landmark files (which have e.g. "
+            f"{list(present)[:5]}); correct the names or remove them"
+        )
+
+
+def _check_output(output: Path) -> None:
+    """Refuse an output directory that cannot be created, before any training time is
+    spent (it is first written at the first checkpoint)."""
+    for path in (output, output / "checkpoint"):
+        if path.exists() and not path.is_dir():
+            raise TrainConfigError(
+                f"output {path} is a file: expected a directory (new or existing); "
+                "give another output path"
+            )
+    parent = output
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise TrainConfigError(
+            f"output {output} lies below the file {parent}: expected a directory path; "
+            "give another output path"
+        )
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainConfigError(
+            f"output {output}: {parent} is not writable; give a writable output path"
+        )
+
+
 @dataclass
 class _Sample:
     image_id: str
@@ -117,23 +288,45 @@ def load_training_config(path: str | Path) -> dict[str, Any]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         raise TrainConfigError(f"cannot read training config {path}: {exc}") from exc
     base = path.resolve().parent
-    data = cfg.get("data", {})
+    data = _section(cfg, "data")
 
-    def absolute(p: str) -> str:
+    def absolute(p: Any, what: str) -> str:
+        if not isinstance(p, str) or not p:
+            raise TrainConfigError(
+                f"{what} = {p!r} is invalid: expected a path (a string); correct it in {path}"
+            )
         return p if Path(p).is_absolute() else str(base / p)
 
     for key in ("images", "split"):
         if key in data:
-            data[key] = absolute(data[key])
+            data[key] = absolute(data[key], f"[data] {key}")
     if "landmarks" in data:
-        lms = data["landmarks"]
-        data["landmarks"] = [absolute(p) for p in ([lms] if isinstance(lms, str) else lms)]
+        data["landmarks"] = [
+            absolute(p, "[data] landmarks") for p in _landmark_files(data["landmarks"])
+        ]
     if "output" in cfg:
-        cfg["output"] = absolute(cfg["output"])
-    tcfg = cfg.get("train", {})
-    if "global_from" in tcfg:
-        tcfg["global_from"] = absolute(tcfg["global_from"])
+        cfg["output"] = absolute(cfg["output"], "output")
+    tcfg = _section(cfg, "train")
+    source = tcfg.get("global_from")
+    # A bundled model name stays a name (load_model resolves it), unless a directory of
+    # that name sits next to the configuration.
+    if source is not None and not (
+        isinstance(source, str) and source in available_models() and not (base / source).exists()
+    ):
+        tcfg["global_from"] = absolute(source, "[train] global_from")
     return cfg
+
+
+def _landmark_files(value: Any) -> list[Any]:
+    """``[data] landmarks``: one file or a non-empty list of files."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list | tuple) or not value:
+        raise TrainConfigError(
+            f"[data] landmarks = {value!r} is invalid: expected a landmark file or a "
+            'non-empty list of them, e.g. ["senior.csv", "junior.csv"]'
+        )
+    return list(value)
 
 
 def _image_files(spec: str) -> dict[str, Path]:
@@ -159,22 +352,55 @@ def _combine_annotators(files: list[str], annotator: Any) -> LandmarkTable:
     )
 
 
+def _read_split(split_file: str, ids: list[str], log: Callable[[str], None]) -> dict[str, str]:
+    """Image id -> split name from an ``image,split`` CSV file.
+
+    Ids without an image (with landmarks) are reported: often a renamed or missing file.
+    """
+    try:
+        with open(split_file, newline="") as f:
+            reader = csv.DictReader(f)
+            columns = list(reader.fieldnames or [])
+            if not {"image", "split"} <= set(columns):
+                raise TrainConfigError(
+                    f"[data] split file {split_file} has columns {columns}: expected "
+                    "'image' and 'split' columns (a header line image,split)"
+                )
+            rows = {r["image"]: r["split"] for r in reader}
+    except OSError as exc:
+        raise TrainConfigError(
+            f"[data] split file {split_file} cannot be read ({exc.strerror or exc}): "
+            "expected an image,split CSV file; correct the path or remove 'split'"
+        ) from exc
+    known = set(ids)
+    unknown = [i for i in rows if i not in known]
+    if unknown:
+        log(
+            f"warning: {len(unknown)} image id(s) of the split file {split_file} have no "
+            f"image file with landmarks and are left out (e.g. {', '.join(unknown[:5])})"
+        )
+    return rows
+
+
 def _split(
     ids: list[str],
     data: dict[str, Any],
     rng: np.random.Generator,
+    log: Callable[[str], None] = lambda msg: None,
 ) -> tuple[list[str], list[str]]:
     split_file = data.get("split")
     train_name, val_name = data.get("train_split", "train"), data.get("val_split", "val")
+    # Checked even when a split file gives the validation set: a wrong value is a
+    # mistake either way.
+    val_fraction = _setting(data, "data", "val_fraction", 0.1, float, 0.0, 1.0)
     if split_file:
-        with open(split_file, newline="") as f:
-            rows = {r["image"]: r["split"] for r in csv.DictReader(f)}
+        rows = _read_split(str(split_file), ids, log)
         train = [i for i in ids if rows.get(i) == train_name]
         val = [i for i in ids if rows.get(i) == val_name]
     else:
         train, val = list(ids), []
     if not val:
-        n_val = round(len(train) * float(data.get("val_fraction", 0.1)))
+        n_val = round(len(train) * val_fraction)
         order = rng.permutation(len(train))
         val = sorted(train[i] for i in order[:n_val])
         train = sorted(train[i] for i in order[n_val:])
@@ -183,22 +409,61 @@ def _split(
     return train, val
 
 
+def _check_network(section: str, net: Any) -> None:
+    """Type checks of a ``network`` table (and of an ensemble's members), which
+    :func:`network_spec_from_dict` would otherwise coerce (16.7 -> 16) or fail on with a
+    bare TypeError (``channels = 16``)."""
+    where = f"{section}.network"
+    if not isinstance(net, dict):
+        raise TrainConfigError(
+            f"[{section}] network = {net!r} is invalid: expected a table such as "
+            "{ channels = [16, 32], blocks = [1, 1], pools = 1 }"
+        )
+    if isinstance(net.get("members"), list):
+        for i, member in enumerate(net["members"]):
+            _check_network(f"{section}.network.members[{i}]", member)
+        return
+    for key in ("channels", "blocks"):
+        if key in net:
+            _int_list(where, key, net[key], 1 if key == "channels" else 0)
+    for key in ("pools", "stem_kernel", "head_channels"):
+        if key in net:
+            _number(where, key, net[key], int, 1 if key == "stem_kernel" else 0)
+
+
 def _stage_from(section: dict[str, Any], dim: int, name: str) -> StageSpec:
+    if "spacing" not in section:
+        raise TrainConfigError(
+            f"[{name}] needs 'spacing': the working spacing in mm, e.g. spacing = "
+            f"{[1.0] * dim}"
+        )
+    spacing = section["spacing"]
+    values = spacing if isinstance(spacing, list | tuple) else [spacing]
+    for v in values:
+        _number(name, "spacing", v, float, None)
+        if v <= 0:
+            raise TrainConfigError(
+                f"[{name}] spacing = {spacing!r} is invalid: expected spacings > 0 mm"
+            )
+    _check_network(name, section.get("network", {}))
+    crop = section.get("crop_size", ())
+    crop_size = tuple(_int_list(name, "crop_size", crop, 1)) if "crop_size" in section else ()
+    vote_min_prob = _setting(section, name, "vote_min_prob", 0.0, float, 0.0, 1.0)
     try:
         return StageSpec(
-            spacing=as_float_tuple(section["spacing"], dim, f"[{name}] spacing"),
+            spacing=as_float_tuple(spacing, dim, f"[{name}] spacing"),
             network=network_spec_from_dict(section.get("network", {})),
-            crop_size=tuple(int(c) for c in section.get("crop_size", ())),
-            vote_min_prob=float(section.get("vote_min_prob", 0.0)),
+            crop_size=crop_size,
+            vote_min_prob=vote_min_prob,
         )
-    except (KeyError, ValueError) as exc:
+    except (KeyError, ValueError, TypeError) as exc:
         raise TrainConfigError(f"invalid [{name}] section: {exc}") from exc
 
 
 def _model_config(cfg: dict[str, Any], dim: int, names: list[str]) -> ModelConfig:
-    gstage = _stage_from(cfg.get("global", {}), dim, "global")
+    gstage = _stage_from(_section(cfg, "global"), dim, "global")
     lstage = None
-    if cfg.get("local"):
+    if _section(cfg, "local"):
         lstage = _stage_from(cfg["local"], dim, "local")
         multiple = lstage.network.input_multiple
         if len(lstage.crop_size) != dim or any(c % multiple for c in lstage.crop_size):
@@ -213,7 +478,10 @@ def _model_config(cfg: dict[str, Any], dim: int, names: list[str]) -> ModelConfi
         if lstage
         else 10 * cell_mm
     )
-    intensity = IntensitySpec.from_dict(cfg.get("intensity", {}))
+    try:
+        intensity = IntensitySpec.from_dict(_section(cfg, "intensity"))
+    except FastlmkError as exc:
+        raise TrainConfigError(f"invalid [intensity] section: {exc}") from exc
     return ModelConfig(
         name=str(cfg.get("name", "model")),
         dim=dim,
@@ -397,46 +665,83 @@ def _stack(images: list[torch.Tensor]) -> torch.Tensor | None:
 class _Trainer:
     def __init__(self, cfg: dict[str, Any], log: Callable[[str], None]) -> None:
         self.cfg, self.log = cfg, log
-        data = cfg.get("data", {})
+        data = _section(cfg, "data")
         for key in ("images", "landmarks"):
             if key not in data:
                 raise TrainConfigError(f"[data] needs '{key}'")
-        tcfg = cfg.get("train", {})
-        self.iterations = int(tcfg.get("iterations", 1000))
-        self.batch_size = int(tcfg.get("batch_size", 8))
-        self.val_every = int(tcfg.get("val_every", 200))
-        self.ckpt_every = int(tcfg.get("checkpoint_every", 200))
-        self.seed = int(tcfg.get("seed", 0))
-        if self.iterations < 1 or self.batch_size < 1:
-            raise TrainConfigError("[train] iterations and batch_size must be >= 1")
-        if int(tcfg.get("threads", 0)) > 0:
-            torch.set_num_threads(int(tcfg["threads"]))
-        precision = str(tcfg.get("precision", "float32"))
+        if not isinstance(data["images"], str | Path):
+            raise TrainConfigError(
+                f"[data] images = {data['images']!r} is invalid: expected a directory or a "
+                "glob (a string)"
+            )
+        landmark_files = _landmark_files(data["landmarks"])
+        configured = None if cfg.get("landmarks") is None else _landmark_list(cfg["landmarks"])
+        tcfg = _section(cfg, "train")
+        self.iterations = _setting(tcfg, "train", "iterations", 1000, int, 1)
+        self.batch_size = _setting(tcfg, "train", "batch_size", 8, int, 1)
+        self.val_every = _setting(tcfg, "train", "val_every", 200, int, 1)
+        self.ckpt_every = _setting(tcfg, "train", "checkpoint_every", 200, int, 1)
+        self.seed = _setting(tcfg, "train", "seed", 0, int, 0)
+        threads = _setting(tcfg, "train", "threads", 0, int, 0)
+        # lr 0 is allowed: a run that keeps the initial weights (used to inspect them).
+        lr = _setting(tcfg, "train", "lr", 1e-3, float, 0.0)
+        wd = _setting(tcfg, "train", "weight_decay", 1e-4, float, 0.0)
+        pos_weight = _setting(tcfg, "train", "pos_weight", 20.0, float, 0.0)
+        regression_weight = _setting(tcfg, "train", "regression_weight", 1.0, float, 0.0)
+        precision = tcfg.get("precision", "float32")
         if precision not in _AUTOCAST_DTYPES:
             raise TrainConfigError(
                 f"[train] precision must be one of {sorted(_AUTOCAST_DTYPES)}, not {precision!r}"
             )
-        self.precision = precision
-        self.autocast_dtype = _AUTOCAST_DTYPES[precision]
-        self.channels_last = bool(tcfg.get("channels_last", True))
-        self.aug = cfg.get("augment", {})
-        self.output = Path(cfg.get("output", "model"))
+        self.precision = str(precision)
+        self.autocast_dtype = _AUTOCAST_DTYPES[self.precision]
+        self.channels_last = _bool("train", "channels_last", tcfg.get("channels_last", True))
+        self.aug = _section(cfg, "augment")
+        for key in ("rotation_deg", "translation_mm", "intensity_scale", "intensity_shift"):
+            _setting(self.aug, "augment", key, 0.0, float, 0.0)
+        # A relative scaling of 1 or more can shrink a patch to nothing or mirror it.
+        _setting(self.aug, "augment", "scale", 0.0, float, 0.0, 1.0)
+        lsec = _section(cfg, "local")
+        self.offset_sigma_mm = _setting(lsec, "local", "offset_sigma_mm", 2.0, float, 0.0)
+        gsec = _section(cfg, "global")
+        patch = (
+            _int_list("global", "patch_size", gsec["patch_size"], 1)
+            if "patch_size" in gsec
+            else None
+        )
+        self.global_from = tcfg.get("global_from")
+        if self.global_from is not None and not isinstance(self.global_from, str | Path):
+            raise TrainConfigError(
+                f"[train] global_from = {self.global_from!r} is invalid: expected a model "
+                "directory or a bundled model name"
+            )
+        output = cfg.get("output", "model")
+        if not isinstance(output, str | Path) or not str(output):
+            raise TrainConfigError(f"output = {output!r} is invalid: expected a directory path")
+        self.output = Path(output)
+        _check_output(self.output)
+        if threads > 0:
+            torch.set_num_threads(threads)
 
         torch.manual_seed(self.seed)
         self.gen = torch.Generator().manual_seed(self.seed)
         rng = np.random.default_rng(self.seed)
         files = _image_files(str(data["images"]))
-        table = _combine_annotators(list(data["landmarks"]), data.get("annotator", "mean"))
+        table = _combine_annotators(landmark_files, data.get("annotator", "mean"))
         ids = [i for i in files if i in table]
         missing = sorted(set(table) - set(files))
         if missing:
             log(f"warning: {len(missing)} annotated images have no image file (e.g. {missing[0]})")
         if not ids:
             raise TrainConfigError("no image has both an image file and landmarks")
-        names = list(cfg.get("landmarks") or _landmark_names(table, ids, log))
+        train_ids, val_ids = _split(ids, data, rng, log)
+        if configured is None:
+            names = _landmark_names(table, ids, log)
+        else:
+            _check_annotated(configured, table, train_ids)
+            names = configured
         dim = len(next(iter(table[ids[0]].values())))
         self.config = _model_config(cfg, dim, names)
-        train_ids, val_ids = _split(ids, data, rng)
         log(
             f"{len(train_ids)} training and {len(val_ids)} validation images, {len(names)} "
             f"landmarks, {dim}D"
@@ -455,9 +760,6 @@ class _Trainer:
                 self.model.local_net.to(memory_format=self.memory_format)  # type: ignore[call-overload]
         else:
             self.memory_format = torch.contiguous_format
-        lr = float(tcfg.get("lr", 1e-3))
-        wd = float(tcfg.get("weight_decay", 1e-4))
-        self.global_from = tcfg.get("global_from")
         self.gopt: torch.optim.Optimizer | None = None
         if self.global_from:
             self._reuse_global(str(self.global_from))
@@ -472,13 +774,12 @@ class _Trainer:
         )
         self.lr = lr
         self.loss_weights = LossWeights(
-            pos_weight=float(tcfg.get("pos_weight", 20.0)),
-            regression=float(tcfg.get("regression_weight", 1.0)),
+            pos_weight=pos_weight,
+            regression=regression_weight,
         )
-        gsec = cfg.get("global", {})
         stride = self.config.global_stage.network.stride
-        if "patch_size" in gsec:
-            self.patch = tuple(int(p) for p in gsec["patch_size"])
+        if patch is not None:
+            self.patch = tuple(patch)
         else:
             biggest = np.max([s.coarse.shape[2:] for s in self.train], axis=0)
             self.patch = tuple(int(math.ceil(n / stride) * stride) for n in biggest)
@@ -498,9 +799,8 @@ class _Trainer:
                 s.coarse = self.coarse_stack[i : i + 1]
             if self.fine_stack is not None:
                 s.fine = self.fine_stack[i : i + 1]
-        lsec = cfg.get("local") or {}
-        self.offset_sigma_mm = float(lsec.get("offset_sigma_mm", 2.0))
         self.start = 0
+        self.iteration = 0  # the iteration in progress (0-based), for messages
         self.seconds_before = 0.0  # training time of earlier runs this one resumes
         self.t0 = time.perf_counter()
         self.history: list[dict[str, Any]] = []
@@ -524,6 +824,15 @@ class _Trainer:
             )
         if other.config.intensity != mine.intensity:
             raise TrainConfigError(f"[train] global_from: {source} normalises differently")
+        if other.config.orientation != mine.orientation:
+            # Its network learnt images in its own orientation; fed another, it would
+            # see the anatomy mirrored or permuted.
+            raise TrainConfigError(
+                f"[train] global_from: {source} was trained on {other.config.orientation} "
+                f"oriented images; this configuration has orientation = "
+                f"{mine.orientation!r}: set orientation = {other.config.orientation!r} or "
+                "train the global stage too"
+            )
         self.model.global_net.load_state_dict(other.global_net.state_dict())
         self.model.global_net.eval()
         for p in self.model.global_net.parameters():
@@ -583,6 +892,7 @@ class _Trainer:
         )
         x = _intensity(x, self.aug, self.gen)
         loss, parts = self._loss(self.model.global_net, x, lms)
+        self._check_finite(loss, "global")
         assert self.gopt is not None
         self.gopt.zero_grad(set_to_none=True)
         loss.backward()
@@ -607,10 +917,29 @@ class _Trainer:
         x = _intensity(x, self.aug, self.gen)
         # Group l of the local network sees crop l and predicts landmark l only.
         loss, parts = self._loss(self.model.local_net, x, target)
+        self._check_finite(loss, "local")
         self.lopt.zero_grad(set_to_none=True)
         loss.backward()
         self.lopt.step()
         return parts
+
+    def _check_finite(self, loss: torch.Tensor, stage: str) -> None:
+        """Stop a diverged run before its step spoils the weights (they would train to
+        the end for nothing); checkpoints already written are kept."""
+        value = float(loss.detach())
+        if math.isfinite(value):
+            return
+        ckpt = self._ckpt_dir()
+        kept = (
+            f"; the last good checkpoint in {ckpt} is kept"
+            if (ckpt / "state.safetensors").is_file()
+            else ""
+        )
+        raise TrainConfigError(
+            f"training diverged: the {stage} loss is {value} at iteration "
+            f"{self.iteration + 1}: expected a finite loss; lower [train] lr (now "
+            f"{self.lr:g}){kept}"
+        )
 
     # -- validation, checkpoints --------------------------------------------------------
     def validate(self) -> dict[str, float]:
@@ -632,7 +961,13 @@ class _Trainer:
         (the thresholds' margin covers part of that difference).
         """
         samples = self.val or self.train[:50]
-        result = calibrate_confidence(self.model, [s.image for s in samples], backend="torch")
+        try:
+            result = calibrate_confidence(self.model, [s.image for s in samples], backend="torch")
+        except FastlmkError as exc:
+            # A model that localizes its own validation images badly keeps the loose
+            # default thresholds; the log says so, and the model is still saved.
+            self.log(f"warning: flag thresholds not calibrated: {exc}")
+            return
         self.model.config = replace(self.model.config, confidence=result.spec)
         self.model.config.metadata["confidence_calibration"] = result.to_dict()
         c = result.spec
@@ -675,17 +1010,98 @@ class _Trainer:
         tmp.replace(d / "state.safetensors")
         (d / "state.json").write_text(
             json.dumps(
-                {"iteration": iteration, "seconds": self._seconds(), "history": self.history},
+                {
+                    "iteration": iteration,
+                    "seconds": self._seconds(),
+                    "history": self.history,
+                    "model_config": self._checkpoint_config(),
+                },
                 indent=1,
             )
         )
+
+    def _checkpoint_config(self) -> dict[str, Any]:
+        """What a checkpoint's weights belong to: the model configuration without its
+        name, description, flag thresholds and metadata (which training does not fix)."""
+        d = self.config.to_dict()
+        keys = ("dim", "landmarks", "orientation", "intensity", "global", "local")
+        # JSON round trip: tuples become lists, as in a loaded state.json.
+        out: dict[str, Any] = json.loads(json.dumps({k: d.get(k) for k in keys}))
+        return out
+
+    def _check_checkpoint_config(self, stored: Any, d: Path) -> None:
+        """Refuse to resume a checkpoint of another model configuration."""
+        if stored is None:
+            # Written before checkpoints recorded their configuration: the weight
+            # shapes are still checked when they are loaded.
+            self.log(f"warning: {d} does not record its model configuration; not compared")
+            return
+        mine = self._checkpoint_config()
+        if not isinstance(stored, dict):
+            stored = {}
+        differ = []
+        for key, value in mine.items():
+            other = stored.get(key)
+            if isinstance(value, dict) and isinstance(other, dict):
+                differ += [
+                    f"{key}.{k}: {other.get(k)!r} -> {value.get(k)!r}"
+                    for k in sorted(set(value) | set(other))
+                    if value.get(k) != other.get(k)
+                ]
+            elif value != other:
+                differ.append(f"{key}: {other!r} -> {value!r}")
+        if differ:
+            raise TrainConfigError(
+                f"--resume: the checkpoint in {d} belongs to another model configuration "
+                f"({'; '.join(differ)}): expected the configuration it was trained with; "
+                "restore that configuration, or train into a new output directory"
+            )
 
     def load_checkpoint(self) -> None:
         d = self._ckpt_dir()
         if not (d / "state.safetensors").is_file():
             raise TrainConfigError(f"--resume: no checkpoint in {d}")
-        tensors = load_file(str(d / "state.safetensors"))
-        meta = json.loads((d / "state.json").read_text())
+        try:
+            meta = json.loads((d / "state.json").read_text())
+            if not isinstance(meta, dict):
+                raise ValueError("not a JSON object")
+            self.start = int(meta["iteration"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise TrainConfigError(
+                f"--resume: {d / 'state.json'} is unreadable or damaged ({exc}): expected "
+                "the state written with the checkpoint; restore it, or train afresh "
+                "without --resume into a new output directory"
+            ) from exc
+        self._check_checkpoint_config(meta.get("model_config"), d)
+        try:
+            self._load_state(load_file(str(d / "state.safetensors")))
+        except (OSError, RuntimeError, ValueError, KeyError) as exc:
+            raise TrainConfigError(
+                f"--resume: the checkpoint in {d} does not fit this configuration or is "
+                f"damaged ({str(exc).splitlines()[0]}): expected the weights of the same "
+                "architecture; resume with the configuration it was trained with, or "
+                "train into a new output directory"
+            ) from exc
+        self.seconds_before = float(meta.get("seconds", 0.0))
+        self.history = list(meta.get("history", []))
+        self.log(f"resumed from {d} at iteration {self.start}")
+
+    def _load_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Weights, optimiser moments and random states from a checkpoint's tensors."""
+        expected = {
+            prefix
+            for prefix, net, opt in (
+                ("global", self.model.global_net, self.gopt),
+                ("local", self.model.local_net, self.lopt),
+            )
+            if net is not None and opt is not None
+        }
+        stored = {k.split(".", 1)[0] for k in tensors if ".net." in k}
+        if stored != expected:
+            raise ValueError(
+                f"it holds trained {sorted(stored)} networks, this configuration trains "
+                f"{sorted(expected)}"
+            )
         for prefix, net, opt in (
             ("global", self.model.global_net, self.gopt),
             ("local", self.model.local_net, self.lopt),
@@ -715,10 +1131,6 @@ class _Trainer:
                         opt.state[p][k] = v.contiguous(memory_format=self.memory_format)
         torch.set_rng_state(tensors["rng.torch"])
         self.gen.set_state(tensors["rng.gen"])
-        self.start = int(meta["iteration"])
-        self.seconds_before = float(meta.get("seconds", 0.0))
-        self.history = list(meta.get("history", []))
-        self.log(f"resumed from {d} at iteration {self.start}")
 
     # -- the loop -----------------------------------------------------------------------
     def run(self) -> Path:
@@ -728,6 +1140,7 @@ class _Trainer:
         tty = sys.stderr.isatty()
         last_val: dict[str, float] = {}
         for it in range(self.start, self.iterations):
+            self.iteration = it
             lr = self._lr(it)
             for opt in (self.gopt, self.lopt):
                 if opt is not None:
