@@ -173,3 +173,14 @@ def test_systematic_offset_separates_a_constant_shift_from_scatter() -> None:
     sym = {"a": {"p": np.array([1.0, 0.0])}, "b": {"p": np.array([4.0, 5.0])}}
     assert systematic_offset(sym, ref, "p")["offset_share"] == pytest.approx(0.0)
     assert np.isnan(systematic_offset({}, ref, "p")["offset_norm_mm"])
+
+
+def test_mean_table_keeps_what_any_annotator_has() -> None:
+    a = {"1": {"p": np.array([0.0, 0.0])}}
+    b = {"1": {"p": np.array([2.0, 0.0]), "q": np.array([5.0, 5.0])}, "2": {"p": np.ones(2)}}
+    m = mean_table([a, b])
+    np.testing.assert_allclose(m["1"]["p"], [1.0, 0.0])
+    np.testing.assert_allclose(m["1"]["q"], [5.0, 5.0])  # only b has it
+    np.testing.assert_allclose(m["2"]["p"], [1.0, 1.0])  # only b has image 2
+    with pytest.raises(EvaluationError, match="dimensionality"):
+        mean_table([a, {"1": {"p": np.zeros(3)}}])

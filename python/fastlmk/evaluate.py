@@ -30,12 +30,27 @@ DEFAULT_THRESHOLDS_MM = (2.0, 2.5, 3.0, 4.0)
 
 
 def mean_table(tables: Sequence[LandmarkTable]) -> LandmarkTable:
-    """Point-wise mean of several annotators (points absent from a table are skipped)."""
+    """Point-wise mean of several annotators.
+
+    Every image and landmark that any table has is kept (in first-appearance order);
+    each point is the mean of the tables that have it, so an annotator who skipped a
+    point or an image does not remove it.
+
+    Raises:
+        EvaluationError: the tables hold points of different dimensionality.
+    """
     out: LandmarkTable = {}
-    for image_id in tables[0]:
+    for image_id in dict.fromkeys(i for t in tables for i in t):
+        names = dict.fromkeys(n for t in tables for n in t.get(image_id, {}))
         out[image_id] = {}
-        for name in tables[0][image_id]:
-            pts = [t[image_id][name] for t in tables if name in t.get(image_id, {})]
+        for name in names:
+            pts = [np.asarray(t[image_id][name]) for t in tables if name in t.get(image_id, {})]
+            if len({p.shape for p in pts}) > 1:
+                raise EvaluationError(
+                    f"image {image_id!r}, landmark {name!r}: the annotations have points of "
+                    f"different dimensionality ({sorted({p.size for p in pts})}D); expected "
+                    "all 2D or all 3D. Use annotation files of one kind."
+                )
             out[image_id][name] = np.mean(pts, axis=0)
     return out
 
