@@ -97,7 +97,7 @@ def test_save_into_a_file_is_a_model_error(
     model = small_model(2)
     with pytest.raises(ModelError, match="is a file, not a directory"):
         model.save(existing)
-    with pytest.raises(ModelError, match="cannot create the model directory"):
+    with pytest.raises(ModelError, match="cannot create the directory"):
         model.save(existing / "sub")
     assert existing.read_text() == "not a directory"
     directory = _saved(tmp_path)

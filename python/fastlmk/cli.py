@@ -42,21 +42,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-# Only a known image-format suffix is taken off a file name to make its image id; other
-# dots stay ("155.v2.jpg" -> "155.v2"), so distinct files keep distinct ids.
-_IMAGE_SUFFIXES = tuple(
-    ".nii.gz .nii .nrrd .nhdr .mha .mhd .dcm .png .jpg .jpeg .bmp .tif .tiff".split()
-)
-
-
 def _image_id(item: str | Path) -> str:
     """Image id of an input path: its name without the image-format suffix.
 
     ``scans/155.jpg`` -> ``155``, ``ct.nii.gz`` -> ``ct``, a DICOM directory -> its name.
     A name that is only a suffix (``.jpg``) gives ``image``.
     """
+    from .io import IMAGE_SUFFIXES
+
+    # Only a known image-format suffix is taken off; other dots stay ("155.v2.jpg" ->
+    # "155.v2"), so distinct files keep distinct ids.
     name = Path(item).name
-    for suffix in _IMAGE_SUFFIXES:
+    for suffix in sorted(IMAGE_SUFFIXES | {".dcm"}, key=len, reverse=True):
         if name.lower().endswith(suffix):
             name = name[: -len(suffix)]
             break
@@ -116,24 +113,15 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     import time
 
     from .inference import localize
-    from .io import as_image
+    from .io import as_image, make_output_directory
     from .landmark_files import write_landmark_csv
     from .model import load_model
     from .overlay import write_overlay
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FastlmkError(f"--out {out} is a file; give a directory (new or existing)")
+    out = make_output_directory(args.out, FastlmkError, "the results (--out)")
     model = load_model(args.model)
     table_path = out / "landmarks.csv"
     table = _previous_table(table_path, model.names, model.dim)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise FastlmkError(
-            f"--out {out}: cannot create the directory ({exc.strerror or exc}); give a "
-            "directory path whose parents are directories"
-        ) from exc
     spacing = _spacing(args)
     failures = 0
     last_write = time.monotonic()

@@ -69,9 +69,7 @@ _INPUT, _OUTPUTS = "image", ("logits", "disp")
 # Hashing reads every weight: do it once per loaded model.
 # model -> (the config it was computed for, hash): a new config (e.g. recalibrated
 # thresholds) is a new hash, while unchanged models skip re-hashing their weights.
-_HASHES: weakref.WeakKeyDictionary[LandmarkModel, tuple[object, str]] = (
-    weakref.WeakKeyDictionary()
-)
+_HASHES: weakref.WeakKeyDictionary[LandmarkModel, tuple[object, str]] = weakref.WeakKeyDictionary()
 
 #: The file, in a directory of ONNX files, that records which network each was made from.
 RECORD_FILE = "onnx.json"
@@ -371,18 +369,9 @@ def _make_directory(directory: Path) -> None:
     Raises:
         ExportError: it, or a parent, exists as a file, or it cannot be created.
     """
-    if directory.exists() and not directory.is_dir():
-        raise ExportError(
-            f"cannot write ONNX files into {directory}: it is a file, not a directory; "
-            "pass a directory (new or existing) as the output"
-        )
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ExportError(
-            f"cannot create the output directory {directory}: {exc.strerror or exc}; "
-            "pass a directory that can be created"
-        ) from exc
+    from .io import make_output_directory
+
+    make_output_directory(directory, ExportError, "ONNX files")
 
 
 def _write_atomically(net: torch.nn.Module, example: torch.Tensor, path: Path) -> None:

@@ -45,6 +45,7 @@ __all__ = [
     "as_image",
     "image_to_array",
     "list_images",
+    "make_output_directory",
     "read_image",
     "write_image",
 ]
@@ -252,6 +253,38 @@ def _jpeg_is_complete(data: bytes) -> bool:
                     continue
                 break
     return False
+
+
+def make_output_directory(
+    directory: str | os.PathLike[str], error: type[FastlmkError], what: str
+) -> Path:
+    """Create an output directory (and its parents), or raise ``error`` saying why not.
+
+    Args:
+        directory: The directory; it may exist already.
+        error: The FastlmkError subclass to raise.
+        what: What the directory is for, for the message (e.g. "the model").
+
+    Returns:
+        The directory as a Path.
+
+    Raises:
+        error: it exists as a file, a parent is a file, or it cannot be created.
+    """
+    out = Path(directory)
+    if out.exists() and not out.is_dir():
+        raise error(
+            f"cannot write {what} into {out}: it is a file, not a directory; pass a "
+            "directory (new or existing)"
+        )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(
+            f"cannot create the directory {out} for {what}: {exc.strerror or exc}; pass a "
+            "directory path that can be created"
+        ) from exc
+    return out
 
 
 def _check_jpeg_complete(path: Path) -> None:

@@ -429,19 +429,9 @@ class LandmarkModel:
                 f"weights_dtype must be one of {', '.join(_WEIGHT_DTYPES)}, got {weights_dtype!r}"
             )
         dtype = _WEIGHT_DTYPES[weights_dtype]
-        out = Path(directory)
-        if out.exists() and not out.is_dir():
-            raise ModelError(
-                f"cannot save the model to {out}: it is a file, not a directory; pass a new "
-                "directory (or an existing model directory to replace that model)"
-            )
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ModelError(
-                f"cannot create the model directory {out}: {exc.strerror or exc}; pass a "
-                "directory that can be created"
-            ) from exc
+        from .io import make_output_directory
+
+        out = make_output_directory(directory, ModelError, "the model")
         hashes: dict[str, str] = {}
         for stage in self.stage_names:
             net = self.network(stage)
