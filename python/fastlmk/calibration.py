@@ -12,7 +12,7 @@ a safety factor outside it.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -22,9 +22,9 @@ import numpy as np
 from .errors import FastlmkError, ModelError
 from .inference import localize
 from .io import as_image
-from .model import ConfidenceSpec, LandmarkModel, load_model
+from .model import ConfidenceSpec, LandmarkModel, StageSpec, load_model
 
-__all__ = ["CalibrationResult", "calibrate_confidence", "write_calibration"]
+__all__ = ["CalibrationResult", "calibrate_confidence", "spread_limit_mm", "write_calibration"]
 
 # Thresholds sit this factor outside the observed range: the images a model is
 # calibrated on are usually ones it was trained on, where its votes are surer than on
@@ -72,17 +72,16 @@ class CalibrationResult:
         }
 
 
-def _spread_cap_mm(model: LandmarkModel) -> float:
-    """The largest meaningful spread threshold: the smallest local crop's half-width."""
-    cfg = model.config
-    stages = list(cfg.local_stages.values())
-    if stages:
+def spread_limit_mm(global_stage: StageSpec, local_stages: Sequence[StageSpec]) -> float:
+    """The largest meaningful spread threshold (mm): the smallest local crop's half-width
+    (beyond it an estimate is not inside the crop it came from); without local stages,
+    ten global cells. It is also a new model's default ``max_spread_mm``."""
+    if local_stages:
         # crop_size is in array order, spacing in (x, y[, z]) order.
         return float(
-            min((np.array(s.crop_size) * np.array(s.spacing[::-1])).min() / 2 for s in stages)
+            min((np.array(s.crop_size) * np.array(s.spacing[::-1])).min() / 2 for s in local_stages)
         )
-    g = cfg.global_stage
-    return 10.0 * float(np.mean(g.spacing)) * g.network.stride
+    return 10.0 * float(np.mean(global_stage.spacing)) * global_stage.network.stride
 
 
 def calibrate_confidence(
@@ -165,7 +164,10 @@ def calibrate_confidence(
         old,
         min_weight=low / _MARGIN,
         max_weight=high * _MARGIN,
-        max_spread_mm=min(_spread_cap_mm(model), spread_high * _MARGIN),
+        max_spread_mm=min(
+            spread_limit_mm(model.config.global_stage, list(model.config.local_stages.values())),
+            spread_high * _MARGIN,
+        ),
     )
     return CalibrationResult(spec, n_images, int(lows.size), (low, high), spread_high)
 

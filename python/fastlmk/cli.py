@@ -145,12 +145,12 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         # always flagged) is named under "not_found" in the image's JSON.
         # An earlier run's entry for this id is replaced (if this run fails on the image,
         # the earlier entry stays, as do the earlier run's files for it).
-        found = {n: p for n, p in zip(lm.names, lm.points_mm, strict=True) if math.isfinite(sum(p))}
+        missing = lm.not_found()
+        found = {n: p for n, p in zip(lm.names, lm.points_mm, strict=True) if n not in missing}
         table.pop(name, None)
         if found:
             table[name] = found
         n_flag = int(lm.flagged.sum())
-        missing = lm.not_found()
         print(
             f"{item}: {len(lm)} landmarks"
             + (f", {n_flag} flagged" if n_flag else "")

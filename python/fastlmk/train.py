@@ -66,7 +66,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .calibration import calibrate_confidence
+from .calibration import calibrate_confidence, spread_limit_mm
 from .errors import FastlmkError
 from .evaluate import mean_table
 from .inference import errors_mm, localize
@@ -473,11 +473,7 @@ def _model_config(cfg: dict[str, Any], dim: int, names: list[str]) -> ModelConfi
             )
     final = lstage or gstage
     cell_mm = float(np.mean(final.spacing)) * final.network.stride
-    extent = (
-        (np.array(lstage.crop_size) * np.array(lstage.spacing[::-1])).min() / 2
-        if lstage
-        else 10 * cell_mm
-    )
+    extent = spread_limit_mm(gstage, [lstage] if lstage else [])
     try:
         intensity = IntensitySpec.from_dict(_section(cfg, "intensity"))
     except FastlmkError as exc:
