@@ -9,6 +9,10 @@
   image) and of those it keeps.
 - ``afids-mni152`` on the held-out synthetic volumes (``--afids-data``, written by
   ``python -m fastlmk.synthesis``; skipped when absent) and the two templates.
+- Misuse: image 155 and the T1w template with a wrong pixel spacing, mirrored, upside
+  down, and rotated against their voxel grid: the flags with and without the shape check
+  (:mod:`fastlmk.shape`), the fitted scale and rotation, and the errors against the
+  annotations carried through the same change.
 """
 
 from __future__ import annotations
@@ -16,13 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import SimpleITK as sitk
 
 import fastlmk
-from fastlmk.landmark_files import read_landmark_csv
+from fastlmk.geometry import index_to_physical, physical_to_index
+from fastlmk.landmark_files import read_fcsv, read_landmark_csv
+from fastlmk.shape import ImplausibleShapeWarning
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -89,6 +99,113 @@ def _afids(data: Path, synthetic: Path | None) -> dict[str, Any]:
     return out
 
 
+# A misuse case: (name, image, maps physical points (N, D) of the original image to the
+# physical points of the same anatomy in the case's image).
+_Case = tuple[str, sitk.Image, Callable[[np.ndarray], np.ndarray]]
+
+
+def _misuse_cases(
+    image: sitk.Image, spacings: list[float], rotations: list[tuple[float, ...]]
+) -> list[_Case]:
+    """Wrong spacings (factors), mirrored along x, upside down (y), and rotated about the
+    image centre (2D: one angle; 3D: angles about x, y, z), in degrees."""
+    size, dim = image.GetSize(), image.GetDimension()
+
+    def through_index(
+        case: sitk.Image, flip_axis: int | None
+    ) -> Callable[[np.ndarray], np.ndarray]:
+        def mapping(points: np.ndarray) -> np.ndarray:
+            index = physical_to_index(points, image)
+            if flip_axis is not None:
+                index[:, flip_axis] = size[flip_axis] - 1 - index[:, flip_axis]
+            return index_to_physical(index, case)
+
+        return mapping
+
+    array = sitk.GetArrayFromImage(image)
+    cases: list[_Case] = []
+    for factor in spacings:
+        moved = sitk.Image(image)
+        moved.SetSpacing([s * factor for s in image.GetSpacing()])
+        cases.append((f"spacing x{factor:g}", moved, through_index(moved, None)))
+    # Array axes are (y, x) or (z, y, x): x is the last, y the one before.
+    for name, axis in (("mirrored (x)", 0), ("upside down (y)", 1)):
+        case = sitk.GetImageFromArray(np.ascontiguousarray(np.flip(array, axis=-1 - axis)))
+        case.CopyInformation(image)
+        cases.append((name, case, through_index(case, axis)))
+    centre = image.TransformContinuousIndexToPhysicalPoint([(n - 1) / 2 for n in size])
+    for angles in rotations:
+        turn: sitk.Transform
+        if dim == 2:
+            turn = sitk.Euler2DTransform(centre, float(np.radians(angles[0])))
+        else:
+            turn = sitk.Euler3DTransform(centre, *(float(np.radians(a)) for a in angles))
+        case = sitk.Resample(image, image, turn, sitk.sitkLinear, 0.0)
+        # The case shows at p what the image shows at turn(p).
+        inverse = turn.GetInverse()
+
+        def turned(points: np.ndarray, inverse: sitk.Transform = inverse) -> np.ndarray:
+            return np.array([inverse.TransformPoint([float(v) for v in p]) for p in points])
+
+        what = "/".join(f"{a:g}" for a in angles)
+        cases.append((f"rotated {what} deg", case, turned))
+    return cases
+
+
+def _misuse(
+    model: fastlmk.LandmarkModel, image: sitk.Image, truth_mm: np.ndarray, cases: list[_Case]
+) -> dict[str, Any]:
+    plain = fastlmk.load_model(model.path)
+    plain.config = replace(model.config, shape=None)
+    out = {}
+    for name, case, mapping in cases:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ImplausibleShapeWarning)
+            lm = fastlmk.localize(case, model)
+        before = fastlmk.localize(case, plain)
+        check = lm.details["shape"]
+        entry: dict[str, Any] = {
+            "flagged": int(lm.flagged.sum()),
+            "flagged_without_shape_check": int(before.flagged.sum()),
+            "shape_scale": round(float(check.scale), 3),
+            "shape_rotation_deg": round(float(check.rotation_deg), 1),
+            "shape_outliers": int(check.outlier.sum()),
+            "shape_problems": list(check.problems),
+        }
+        errors = np.linalg.norm(lm.points_mm - mapping(truth_mm), axis=1)
+        entry["mean_error_mm"] = round(float(np.nanmean(errors)), 2)
+        entry["max_error_mm"] = round(float(np.nanmax(errors)), 2)
+        entry["errors_over_4mm"] = int(np.sum(errors > 4))
+        entry["errors_over_4mm_flagged"] = int(np.sum((errors > 4) & lm.flagged))
+        out[name] = entry
+    return out
+
+
+def _ceph_misuse(data: Path) -> dict[str, Any]:
+    senior = read_landmark_csv(data / "landmarks_senior.csv")
+    junior = read_landmark_csv(data / "landmarks_junior.csv")
+    model = fastlmk.load_model("ceph-isbi2015")
+    image = fastlmk.read_image(data / "images" / "155.jpg", spacing=0.1)
+    truth = np.array([(senior["155"][n] + junior["155"][n]) / 2 for n in model.names])
+    cases: list[_Case] = [("as given", image, lambda p: p)]
+    cases += _misuse_cases(
+        image, [0.5, 0.7, 1.3, 1.5, 2.0, 3.0], [(10,), (20,), (30,), (45,), (-20,), (-30,)]
+    )
+    return _misuse(model, image, truth, cases)
+
+
+def _afids_misuse(data: Path) -> dict[str, Any]:
+    model = fastlmk.load_model("afids-mni152")
+    image = fastlmk.read_image(data / "tpl-MNI152NLin2009cAsym_res-01_T1w.nii.gz")
+    names, points = read_fcsv(data / "groundtruth.fcsv")
+    truth = np.array([points[names.index(n)] for n in model.names])
+    cases: list[_Case] = [("as given", image, lambda p: p)]
+    cases += _misuse_cases(
+        image, [0.5, 0.7, 1.5, 2.0, 3.0], [(10, 0, 0), (20, 10, 0), (0, 0, 20), (30, 0, 0)]
+    )
+    return _misuse(model, image, truth, cases)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--isbi", default=str(SHARED / "isbi2015"))
@@ -99,9 +216,12 @@ def main() -> int:
     result: dict[str, Any] = {}
     if (Path(args.isbi) / "split.csv").is_file():
         result["ceph-isbi2015"] = _ceph(Path(args.isbi))
+        result["ceph-isbi2015"]["misuse_image155"] = _ceph_misuse(Path(args.isbi))
     else:
         print(f"ISBI 2015 data not found at {args.isbi}: skipped", file=sys.stderr)
     result["afids-mni152"] = _afids(Path(args.afids), Path(args.afids_data))
+    if (Path(args.afids) / "groundtruth.fcsv").is_file():
+        result["afids-mni152"]["misuse_T1w_template"] = _afids_misuse(Path(args.afids))
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

@@ -20,11 +20,22 @@ from typing import Any
 import numpy as np
 
 from .errors import FastlmkError, ModelError
+from .geometry import Geometry
 from .inference import localize
 from .io import as_image
+from .landmark_files import LandmarkTable
 from .model import ConfidenceSpec, LandmarkModel, StageSpec, load_model
+from .preprocess import orient
+from .shape import MIN_SHAPES, ShapeSpec, fit_shape_model, grid_frame_mm
 
-__all__ = ["CalibrationResult", "calibrate_confidence", "spread_limit_mm", "write_calibration"]
+__all__ = [
+    "CalibrationResult",
+    "calibrate_confidence",
+    "calibrate_shape",
+    "spread_limit_mm",
+    "write_calibration",
+    "write_shape",
+]
 
 # Thresholds sit this factor outside the observed range: the images a model is
 # calibrated on are usually ones it was trained on, where its votes are surer than on
@@ -189,17 +200,124 @@ def write_calibration(model: LandmarkModel, result: CalibrationResult) -> Path:
         ModelError: the model was not loaded from a directory, or its model.json cannot be
             read or written.
     """
+    path = _update_model_json(
+        model,
+        "the confidence thresholds",
+        {"confidence": result.spec.to_dict()},
+        {"confidence_calibration": result.to_dict()},
+    )
+    model.config = replace(model.config, confidence=result.spec)
+    return path
+
+
+def _update_model_json(
+    model: LandmarkModel, what: str, entries: dict[str, Any], metadata: dict[str, Any]
+) -> Path:
+    """Replace top-level ``entries`` and ``metadata`` keys of the model's model.json."""
     if model.path is None:
         raise ModelError("the model was not loaded from a directory; save it first")
     path = Path(model.path) / "model.json"
     try:
         doc = json.loads(path.read_text())
-        doc["confidence"] = result.spec.to_dict()
-        doc.setdefault("metadata", {})["confidence_calibration"] = result.to_dict()
+        doc.update(entries)
+        doc.setdefault("metadata", {}).update(metadata)
         tmp = path.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(doc, indent=2) + "\n")
         tmp.replace(path)
     except (OSError, ValueError, AttributeError) as exc:
-        raise ModelError(f"{path}: cannot update the confidence thresholds ({exc})") from exc
-    model.config = replace(model.config, confidence=result.spec)
+        raise ModelError(f"{path}: cannot update {what} ({exc})") from exc
+    return path
+
+
+def calibrate_shape(
+    model: LandmarkModel | str | Path,
+    images: Iterable[Any],
+    landmarks: LandmarkTable,
+    *,
+    spacing: float | tuple[float, ...] | None = None,
+    rotation_deg: float | None = None,
+    scale: float | None = None,
+) -> ShapeSpec:
+    """A model's shape model (:mod:`fastlmk.shape`) from annotated training images.
+
+    Each image is read for its geometry only (oriented as the model orients it), and
+    its annotations are taken into the grid frame the networks see. The rotation and
+    scale limits widen the training range by the training augmentation: by default the
+    values recorded in the model's metadata (``training.augment``), else none.
+
+    Args:
+        model: The model (a loaded model, a directory or a bundled name).
+        images: Image files the model was trained on (or like them); an image's id is
+            its file name up to the first dot, as in :func:`fastlmk.localize`.
+        landmarks: Annotations by image id (name -> LPS mm), e.g.
+            :func:`fastlmk.landmark_files.read_landmarks` or the mean of several
+            annotators (:func:`fastlmk.evaluate.mean_table`).
+        spacing: Pixel spacing in mm for image files that carry none (PNG/JPEG).
+        rotation_deg: The training augmentation's largest rotation (degrees).
+        scale: The training augmentation's largest relative scale change.
+
+    Returns:
+        The shape specification; store it with :func:`write_shape`.
+
+    Raises:
+        FastlmkError: fewer than :data:`fastlmk.shape.MIN_SHAPES` annotated images, or
+            annotations that do not give a shape model (see
+            :func:`fastlmk.shape.fit_shape_model`).
+        InvalidImageError, MissingSpacingError: as :func:`fastlmk.localize`.
+    """
+    if not isinstance(model, LandmarkModel):
+        model = load_model(model)
+    cfg = model.config
+    augment = cfg.metadata.get("training", {}).get("augment", {})
+    if rotation_deg is None:
+        rotation_deg = float(augment.get("rotation_deg", 0.0))
+    if scale is None:
+        scale = float(augment.get("scale", 0.0))
+    shapes, without = [], []
+    for item in images:
+        if not isinstance(item, str | Path):
+            raise FastlmkError(
+                "calibrate_shape takes image files (their names give the image ids), "
+                f"not {type(item).__name__}"
+            )
+        image_id = Path(item).name.split(".")[0]
+        if image_id not in landmarks:
+            without.append(image_id)
+            continue
+        geometry = Geometry.from_sitk(orient(as_image(item, spacing=spacing), cfg.orientation))
+        table = landmarks[image_id]
+        points = np.array(
+            [table.get(n, np.full(cfg.dim, np.nan)) for n in cfg.landmarks], dtype=float
+        )
+        if points.shape != (len(cfg.landmarks), cfg.dim):
+            raise FastlmkError(
+                f"the annotations of {image_id} are not {cfg.dim}D like model {cfg.name!r}"
+            )
+        shapes.append(grid_frame_mm(points, geometry))
+    if len(shapes) < MIN_SHAPES:
+        missing = f" (no annotation for {', '.join(without[:5])}...)" if without else ""
+        raise FastlmkError(
+            f"a shape model needs at least {MIN_SHAPES} annotated images; "
+            f"got {len(shapes)}{missing}"
+        )
+    try:
+        return fit_shape_model(
+            shapes,
+            rotation_deg=rotation_deg,
+            scale=scale,
+            localization_mm=float(np.mean(cfg.global_stage.spacing)),
+        )
+    except ValueError as exc:
+        raise FastlmkError(f"no shape model for {cfg.name!r}: {exc}") from None
+
+
+def write_shape(model: LandmarkModel, spec: ShapeSpec) -> Path:
+    """Store a shape model in the model's ``model.json`` (nothing else changes).
+
+    Raises:
+        ModelError: the model was not loaded from a directory, or its model.json cannot be
+            read or written.
+    """
+    path = _update_model_json(model, "the shape model", {"shape": spec.to_dict()}, {})
+    model.config = replace(model.config, shape=spec)
     return path

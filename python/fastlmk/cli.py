@@ -111,12 +111,14 @@ def _previous_table(path: Path, names: Sequence[str], dim: int) -> dict:
 
 def _cmd_localize(args: argparse.Namespace) -> int:
     import time
+    import warnings
 
     from .inference import localize
     from .io import as_image, make_output_directory
     from .landmark_files import write_landmark_csv
     from .model import load_model
     from .overlay import write_overlay
+    from .shape import ImplausibleShapeWarning
 
     out = make_output_directory(args.out, FastlmkError, "the results (--out)")
     model = load_model(args.model)
@@ -128,7 +130,9 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     for item, name in zip(args.inputs, _unique_ids(args.inputs), strict=True):
         try:
             image = as_image(item, spacing=spacing)
-            lm = localize(image, model, backend=args.backend)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", ImplausibleShapeWarning)
+                lm = localize(image, model, backend=args.backend)
             lm.image = name
             lm.to_csv(out / f"{name}.csv")
             lm.to_json(out / f"{name}.json")
@@ -150,6 +154,11 @@ def _cmd_localize(args: argparse.Namespace) -> int:
         table.pop(name, None)
         if found:
             table[name] = found
+        for w in caught:
+            if issubclass(w.category, ImplausibleShapeWarning):
+                print(f"warning: {item}: {w.message}", file=sys.stderr)
+            else:  # not ours to reword
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         n_flag = int(lm.flagged.sum())
         print(
             f"{item}: {len(lm)} landmarks"
@@ -277,7 +286,9 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from .calibration import calibrate_confidence, write_calibration
+    from .calibration import calibrate_confidence, calibrate_shape, write_calibration, write_shape
+    from .evaluate import mean_table
+    from .landmark_files import read_landmarks
     from .model import load_model
 
     if not Path(args.model).is_dir():
@@ -287,6 +298,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             "fastlmk.load_model(name).path)"
         )
     model = load_model(args.model)
+    if args.shape_only and not args.landmarks:
+        raise FastlmkError("--shape-only needs --landmarks FILE [FILE ...]")
+    if args.landmarks:
+        # Read (and checked) before any image is localized.
+        table = mean_table([read_landmarks(f) for f in args.landmarks])
+        shape = calibrate_shape(
+            model,
+            args.images,
+            table,
+            spacing=_spacing(args),
+            rotation_deg=args.rotation_deg,
+            scale=args.scale,
+        )
+        path = write_shape(model, shape)
+        low_s, high_s = shape.scale_range
+        print(
+            f"shape model from {shape.shapes} annotated images: scale {low_s:.2f}..{high_s:.2f}, "
+            f"rotation <= {shape.max_rotation_deg:.0f} deg, landmark distance limits "
+            f"{shape.max_residual_mm.min():.3g}..{shape.max_residual_mm.max():.3g} mm\n"
+            f"written to {path}"
+        )
+    if args.shape_only:
+        return 0
     before = model.config.confidence
     result = calibrate_confidence(model, args.images, spacing=_spacing(args), backend=args.backend)
     path = write_calibration(model, result)
@@ -432,12 +466,34 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "calibrate",
         help="set a model's flag thresholds from its votes on images it localizes well "
-        "(rewrites the confidence entry of model.json)",
+        "(rewrites the confidence entry of model.json); with --landmarks also its shape model",
     )
     p.add_argument("model", help="bundled model name or model directory")
     p.add_argument("images", nargs="+", help="images showing every landmark (e.g. validation)")
     p.add_argument("--spacing", type=float, nargs="+", help="pixel spacing in mm (2D files)")
     p.add_argument("--backend", default="auto")
+    p.add_argument(
+        "--landmarks",
+        nargs="+",
+        help="annotations of the images (several files: their mean): also fit the shape "
+        "model that flags implausible landmark configurations",
+    )
+    p.add_argument(
+        "--rotation-deg",
+        type=float,
+        help="the training augmentation's rotation (default: from the model's metadata, else 0)",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        help="the training augmentation's scale change (default: from the model's "
+        "metadata, else 0)",
+    )
+    p.add_argument(
+        "--shape-only",
+        action="store_true",
+        help="fit only the shape model (no localization, vote thresholds kept)",
+    )
     p.set_defaults(func=_cmd_calibrate)
     return parser
 

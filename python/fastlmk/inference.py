@@ -24,6 +24,7 @@ from .networks import cell_origin, split_outputs
 from .ops import vote
 from .preprocess import StageTensor, orient, prepare_global, stage_geometry, stage_patches
 from .sampling import patch_to_source
+from .shape import ImplausibleShapeWarning, check_shape, grid_frame_mm
 
 __all__ = ["StageVote", "localize", "pad_to_multiple"]
 
@@ -376,6 +377,20 @@ def _assemble(
         | local_outside
     )
     details["inside_image"] = inside
+    if cfg.shape is not None:
+        # Fitted to the landmarks the vote checks trust: one cut off by the field of
+        # view is placed at the edge and would drag the scale of the rest.
+        check = check_shape(grid_frame_mm(points, oriented), cfg.shape, trusted=~flagged)
+        details["shape"] = check
+        flagged = flagged | check.outlier
+        if not check.plausible:
+            flagged = np.ones_like(flagged)
+            where = f"{name}: " if name else ""
+            warnings.warn(
+                f"{where}every landmark flagged: {'; '.join(check.problems)}",
+                ImplausibleShapeWarning,
+                stacklevel=4,
+            )
     return Landmarks(
         names=list(cfg.landmarks),
         points_mm=points,

@@ -26,8 +26,11 @@ class Landmarks:
             weight outside the model's usual range (too low: the landmark is not seen,
             e.g. outside the field of view; too high: seen everywhere), a large spread or
             a point outside the image (see
-            :class:`fastlmk.model.ConfidenceSpec`). Flagged points are still reported
-            (NaN where no estimate exists at all).
+            :class:`fastlmk.model.ConfidenceSpec`), or, for models with a shape model,
+            a landmark far from where the other landmarks put it, and every landmark
+            when their configuration has a scale or rotation outside the training
+            range (:mod:`fastlmk.shape`; ``details["shape"]`` holds the check). Flagged
+            points are still reported (NaN where no estimate exists at all).
         image: Identifier of the image (file stem), or "".
         details: Per-stage diagnostics (vote weights and spreads).
     """
@@ -108,9 +111,13 @@ class Landmarks:
     def to_json(self, path: str | Path) -> Path:
         """Write JSON with positions, voxel indices, confidence and flags.
 
-        Landmarks without an estimate are listed under ``extra.not_found`` instead.
+        Landmarks without an estimate are listed under ``extra.not_found`` instead;
+        ``extra.shape`` holds the shape check's scale, rotation and problems (models
+        with a shape model).
         """
         ok = self._found()
+        check = self.details.get("shape")
+        shape = {"shape": _shape_dict(check)} if check is not None else {}
         landmark_files.write_landmark_json(
             path,
             [n for n, keep in zip(self.names, ok, strict=True) if keep],
@@ -118,7 +125,7 @@ class Landmarks:
             image=self.image or None,
             confidence=self.confidence[ok],
             flagged=self.flagged[ok],
-            extra={"index": self.index[ok].tolist(), "not_found": self.not_found()},
+            extra={"index": self.index[ok].tolist(), "not_found": self.not_found(), **shape},
         )
         return Path(path)
 
@@ -140,3 +147,10 @@ class Landmarks:
 
 def _floats(values: np.ndarray) -> list[float | None]:
     return [float(v) if np.isfinite(v) else None for v in values]
+
+
+def _shape_dict(check: Any) -> dict[str, Any]:
+    d = dict(check.to_dict())
+    for key in ("scale", "rotation_deg"):  # NaN when too few landmarks were found
+        d[key] = float(d[key]) if np.isfinite(d[key]) else None
+    return d

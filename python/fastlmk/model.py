@@ -40,6 +40,7 @@ from .networks import (
     build_network,
     network_spec_from_dict,
 )
+from .shape import ShapeSpec
 
 __all__ = [
     "FORMAT_VERSION",
@@ -232,6 +233,9 @@ class ModelConfig:
     orientation: str = "LPS"
     description: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    # The training shapes, for the plausibility check of found configurations
+    # (fastlmk.shape); None: no such check.
+    shape: ShapeSpec | None = None
 
     @property
     def local_stages(self) -> dict[str, StageSpec]:
@@ -257,6 +261,8 @@ class ModelConfig:
         }
         if self.extra_local_stages:
             d["local_extra"] = [stage.to_dict() for stage in self.extra_local_stages]
+        if self.shape is not None:
+            d["shape"] = self.shape.to_dict()
         return d
 
     @classmethod
@@ -319,6 +325,7 @@ class ModelConfig:
             orientation=str(d.get("orientation", "LPS")),
             description=str(d.get("description", "")),
             metadata=dict(_section(d, "metadata")),
+            shape=None if d.get("shape") is None else ShapeSpec.from_dict(d["shape"], names, dim),
         )
 
 

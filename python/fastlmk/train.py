@@ -69,6 +69,7 @@ from safetensors.torch import load_file, save_file
 from .calibration import calibrate_confidence, spread_limit_mm
 from .errors import FastlmkError
 from .evaluate import mean_table
+from .geometry import Geometry
 from .inference import errors_mm, localize
 from .io import list_images, read_image
 from .landmark_files import LandmarkTable, read_landmark_csv
@@ -85,6 +86,7 @@ from .model import (
 from .networks import LandmarkFCN, NetworkEnsemble, network_spec_from_dict
 from .preprocess import orient, stage_image
 from .sampling import sample_patches, source_to_patch
+from .shape import MIN_SHAPES, fit_shape_model, grid_frame_mm
 from .targets import LossWeights, landmark_loss
 
 __all__ = ["TrainConfigError", "load_training_config", "network_loss", "train"]
@@ -972,6 +974,36 @@ class _Trainer:
             f"{c.min_weight:.3g}..{c.max_weight:.3g}, spread <= {c.max_spread_mm:.3g} mm"
         )
 
+    def _fit_shape(self) -> None:
+        """The shape model (see fastlmk.shape) from the annotations of every image used.
+
+        Skipped, with a log line, when there are too few images or landmarks for one.
+        """
+        cfg = self.model.config
+        shapes = [
+            grid_frame_mm(
+                np.array([s.truth_mm.get(n, np.full(cfg.dim, np.nan)) for n in cfg.landmarks]),
+                Geometry.from_sitk(s.image),
+            )
+            for s in self.train + self.val
+        ]
+        try:
+            spec = fit_shape_model(
+                shapes,
+                rotation_deg=float(self.aug.get("rotation_deg", 0.0)),
+                scale=float(self.aug.get("scale", 0.0)),
+                localization_mm=float(np.mean(cfg.global_stage.spacing)),
+            )
+        except ValueError as exc:
+            self.log(f"no shape model (at least {MIN_SHAPES} images needed): {exc}")
+            return
+        self.model.config = replace(cfg, shape=spec)
+        low, high = spec.scale_range
+        self.log(
+            f"shape model from {spec.shapes} images: scale {low:.2f}..{high:.2f}, rotation <= "
+            f"{spec.max_rotation_deg:.0f} deg"
+        )
+
     def _set_training(self, training: bool) -> None:
         self.model.global_net.train(training and self.gopt is not None)
         if self.model.local_net is not None:
@@ -1170,6 +1202,7 @@ class _Trainer:
         elapsed = self._seconds()
         self._set_training(False)
         self._calibrate()
+        self._fit_shape()
         self.model.config.metadata.update(
             {
                 "training": {
@@ -1180,6 +1213,7 @@ class _Trainer:
                     "seed": self.seed,
                     "precision": self.precision,
                     "channels_last": self.channels_last,
+                    "augment": dict(self.aug),
                     "final_validation": last_val,
                     **({"global_from": str(self.global_from)} if self.global_from else {}),
                 },

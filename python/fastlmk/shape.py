@@ -1,0 +1,379 @@
+"""Plausibility of a found landmark configuration, against the training shapes.
+
+Some failures leave every network confident: a pixel spacing that is wrong by a factor
+(the anatomy looks twice as large as anything trained on), anatomy tilted against the
+voxel grid further than the training images and their augmentation ever were, or one
+landmark put on a neighbouring structure. The vote weights do not see these; the
+configuration of the points does. A model stores the mean training shape and how far
+the training shapes strayed from it (:class:`ShapeSpec`); :func:`check_shape` fits the
+mean shape to the points found in an image with a similarity transform (scale, rotation,
+translation; no mirroring) and reports a scale or rotation outside the training range
+and the landmarks whose distance from the fitted mean shape is beyond what any training
+shape showed.
+
+Shapes live in the *grid frame* of the image the networks see (the image reoriented to
+the model's orientation): continuous voxel index times spacing, in mm, axes (x, y[, z]).
+The rotation measured there is the tilt of the anatomy against the voxel grid, which is
+what the networks are sensitive to; the direction matrix of the image does not enter.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+from .geometry import Geometry, physical_to_index
+
+__all__ = [
+    "MIN_SHAPES",
+    "ImplausibleShapeWarning",
+    "ShapeCheck",
+    "ShapeSpec",
+    "check_shape",
+    "fit_shape_model",
+    "grid_frame_mm",
+    "similarity_fit",
+]
+
+# Fewer training shapes than this do not say how far shapes stray (percentiles of a
+# handful of values); such a model gets no shape check.
+MIN_SHAPES = 10
+# A landmark is an outlier when its distance from the fitted mean shape exceeds
+# _RESIDUAL_FACTOR times the 99.5th percentile of its training distances plus the
+# model's own localization error scale (the global stage's cell size): training
+# shapes are annotations, while found points add the model's error to the shape's own
+# variation.
+_RESIDUAL_FACTOR = 2.0
+_RESIDUAL_PERCENTILE = 99.5
+# Margins beyond the training range widened by the augmentation: the scale may be
+# another tenth off, the rotation another five degrees.
+_SCALE_MARGIN = 0.10
+_ROTATION_MARGIN_DEG = 5.0
+
+
+class ImplausibleShapeWarning(UserWarning):
+    """The landmarks found in an image do not form a shape like the training shapes
+    (scale or rotation outside the training range): every landmark is flagged."""
+
+
+# eq=False: the arrays make field-wise equality ambiguous; specs compare by identity.
+@dataclass(frozen=True, eq=False)
+class ShapeSpec:
+    """The training shapes of a model, as far as :func:`check_shape` needs them.
+
+    Attributes:
+        mean_mm: ``(L, D)`` mean training shape in the grid frame (mm, axes x, y[, z]),
+            centred on its centroid, at the training shapes' mean size.
+        scale_range: ``(low, high)``: the sizes, relative to ``mean_mm``, that a found
+            shape may have.
+        max_rotation_deg: Largest rotation of a found shape against ``mean_mm``.
+        max_residual_mm: ``(L,)`` largest distance of each landmark from the fitted
+            mean shape.
+        shapes: Number of training shapes it was derived from.
+    """
+
+    mean_mm: np.ndarray
+    scale_range: tuple[float, float]
+    max_rotation_deg: float
+    max_residual_mm: np.ndarray
+    shapes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "mean_mm": np.round(self.mean_mm, 4).tolist(),
+            "scale_range": [float(v) for v in self.scale_range],
+            "max_rotation_deg": float(self.max_rotation_deg),
+            "max_residual_mm": np.round(self.max_residual_mm, 4).tolist(),
+            "shapes": int(self.shapes),
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, names: Sequence[str], dim: int) -> ShapeSpec:
+        """The ``shape`` entry of a model.json for a model with landmarks ``names``.
+
+        Raises:
+            ModelError: a missing field, or values of the wrong size or range.
+        """
+        try:
+            mean = np.asarray(d["mean_mm"], dtype=np.float64)
+            low, high = (float(v) for v in d["scale_range"])
+            rotation = float(d["max_rotation_deg"])
+            residual = np.asarray(d["max_residual_mm"], dtype=np.float64)
+            shapes = int(d["shapes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(
+                f"model.json: invalid 'shape' entry ({type(exc).__name__}: {exc}); "
+                "remove it (no shape check) or recompute it with fastlmk calibrate "
+                "--landmarks"
+            ) from None
+        n = len(names)
+        valid = (
+            mean.shape == (n, dim)
+            and residual.shape == (n,)
+            and np.isfinite(mean).all()
+            and bool(np.all(residual > 0))
+            and 0 < low <= 1 <= high < math.inf
+            and 0 < rotation <= 180
+        )
+        if not valid:
+            raise ModelError(
+                f"model.json: the 'shape' entry does not fit the model ({n} landmarks, "
+                f"{dim}D) or has values out of range; remove it (no shape check) or "
+                "recompute it with fastlmk calibrate --landmarks"
+            )
+        return cls(mean, (low, high), rotation, residual, shapes)
+
+
+@dataclass(frozen=True, eq=False)
+class ShapeCheck:
+    """The outcome of :func:`check_shape` for one image.
+
+    Attributes:
+        scale: Size of the found shape relative to the mean training shape.
+        rotation_deg: Rotation of the found shape against the mean training shape
+            (2D: signed, counter-clockwise in the (x, y) index plane; 3D: the angle of
+            the rotation).
+        residual_mm: ``(L,)`` distance of each landmark from the fitted mean shape
+            (NaN where there is no estimate).
+        outlier: ``(L,)`` True where ``residual_mm`` is beyond the model's limit.
+        problems: What makes the whole configuration implausible (empty: nothing).
+    """
+
+    scale: float
+    rotation_deg: float
+    residual_mm: np.ndarray
+    outlier: np.ndarray
+    problems: tuple[str, ...]
+
+    @property
+    def plausible(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "scale": self.scale,
+            "rotation_deg": self.rotation_deg,
+            "problems": list(self.problems),
+        }
+
+
+def grid_frame_mm(points_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Physical points (LPS mm, ``(N, D)``) in the grid frame of ``geometry``: continuous
+    voxel index (x, y[, z]) times spacing, mm."""
+    return physical_to_index(points_mm, geometry) * geometry.spacing
+
+
+def similarity_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
+    """Least-squares similarity transform taking ``source`` onto ``target`` (Umeyama).
+
+    Args:
+        source: ``(N, D)`` points.
+        target: ``(N, D)`` corresponding points, N >= 2.
+
+    Returns:
+        ``(scale, rotation, translation)`` with ``rotation`` a proper ``(D, D)`` rotation
+        (determinant +1: mirroring is not allowed), such that
+        ``target ≈ scale * source @ rotation.T + translation``.
+    """
+    mu_s, mu_t = source.mean(axis=0), target.mean(axis=0)
+    s, t = source - mu_s, target - mu_t
+    cov = t.T @ s / len(source)
+    u, sv, vt = np.linalg.svd(cov)
+    fix = np.ones(len(sv))
+    fix[-1] = np.sign(np.linalg.det(u @ vt)) or 1.0
+    rotation = (u * fix) @ vt
+    var_s = float(np.mean(np.sum(s * s, axis=1)))
+    scale = float(np.sum(sv * fix) / var_s) if var_s > 0 else 0.0
+    return scale, rotation, mu_t - scale * (rotation @ mu_s)
+
+
+def _rotation_deg(rotation: np.ndarray) -> float:
+    if len(rotation) == 2:
+        return math.degrees(math.atan2(rotation[1, 0], rotation[0, 0]))
+    cos = (np.trace(rotation) - 1.0) / 2.0
+    return math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
+
+
+def _fit(mean: np.ndarray, points: np.ndarray, use: np.ndarray) -> tuple[float, float, np.ndarray]:
+    """Scale, rotation (deg) and per-landmark distances (NaN where ``points`` is not
+    finite) of the mean shape fitted to ``points`` on the landmarks in ``use``."""
+    scale, rotation, shift = similarity_fit(mean[use], points[use])
+    fitted = scale * mean @ rotation.T + shift
+    with np.errstate(invalid="ignore"):
+        residual = np.linalg.norm(points - fitted, axis=1)
+    return scale, _rotation_deg(rotation), residual
+
+
+def fit_shape_model(
+    shapes: Sequence[np.ndarray],
+    *,
+    rotation_deg: float = 0.0,
+    scale: float = 0.0,
+    localization_mm: float = 0.0,
+) -> ShapeSpec:
+    """The mean shape and the limits of :func:`check_shape` from annotated shapes.
+
+    The mean is found by generalized Procrustes analysis (each shape aligned to the
+    current mean by a similarity transform, the mean recomputed, ten rounds). Limits: the
+    scale range of the training shapes widened by the augmentation's ``scale`` and a
+    further tenth; the largest training rotation plus ``rotation_deg`` and five degrees;
+    per landmark twice the 99.5th percentile of its training distances from the fitted
+    mean shape plus ``localization_mm``.
+
+    Args:
+        shapes: ``(L, D)`` arrays in the grid frame (:func:`grid_frame_mm`), one per
+            training image; NaN rows for landmarks not annotated on an image.
+        rotation_deg: The training augmentation's largest rotation (degrees).
+        scale: The training augmentation's largest relative scale change.
+        localization_mm: The model's typical localization error (mm), added to the
+            residual limits (found points carry it on top of the shape's variation).
+
+    Returns:
+        The shape specification to store in the model (``ModelConfig.shape``).
+
+    Raises:
+        ValueError: fewer than :data:`MIN_SHAPES` shapes with at least D + 2 landmarks,
+            shapes of different sizes, or a landmark annotated on fewer than half of
+            the shapes.
+    """
+    if not shapes:
+        raise ValueError("fit_shape_model needs annotated shapes")
+    stack = np.stack([np.asarray(s, dtype=np.float64) for s in shapes])  # (N, L, D)
+    if stack.ndim != 3 or stack.shape[2] not in (2, 3):
+        raise ValueError(f"shapes must be (L, 2) or (L, 3) arrays, got {stack.shape[1:]}")
+    n_lm, dim = stack.shape[1:]
+    present = np.asarray(np.isfinite(stack).all(axis=2))  # (N, L)
+    keep = present.sum(axis=1) >= dim + 2
+    if keep.sum() < MIN_SHAPES or n_lm < dim + 2:
+        raise ValueError(
+            f"a shape model needs at least {MIN_SHAPES} shapes with {dim + 2} or more "
+            f"landmarks each; got {int(keep.sum())} such shapes of {n_lm} landmarks"
+        )
+    stack, present = stack[keep], present[keep]
+    sparse = present.mean(axis=0) < 0.5
+    if sparse.any():
+        raise ValueError(
+            f"landmarks {np.flatnonzero(sparse).tolist()} are annotated on fewer than "
+            "half of the shapes"
+        )
+    # Start from the most complete shape; Procrustes rounds converge in a few steps.
+    first = int(np.argmax(present.sum(axis=1)))
+    mean = np.where(present[first][:, None], stack[first], np.nanmean(stack, axis=0))
+    for _ in range(10):
+        aligned = np.full_like(stack, np.nan)
+        for i, (shape, use) in enumerate(zip(stack, present, strict=True)):
+            s, r, t = similarity_fit(shape[use], mean[use])
+            aligned[i, use] = s * shape[use] @ r.T + t
+        mean = np.nanmean(aligned, axis=0)
+        mean -= mean.mean(axis=0)
+    # Procrustes leaves the mean in the pose of the shape it started from; turn it to the
+    # training shapes' average pose, so that rotations are measured from the middle of
+    # their range (the average rotation: the sum of the rotation matrices projected onto
+    # the rotations).
+    turns = np.zeros((dim, dim))
+    for shape, use in zip(stack, present, strict=True):
+        turns += similarity_fit(mean[use], shape[use])[1]
+    u, _, vt = np.linalg.svd(turns)
+    fix = np.ones(dim)
+    fix[-1] = np.sign(np.linalg.det(u @ vt)) or 1.0
+    mean = mean @ ((u * fix) @ vt).T
+    # The mean at the training shapes' mean size (Procrustes shrinks it slightly).
+    sizes = [
+        np.sqrt(np.mean(np.sum((sh[u] - sh[u].mean(axis=0)) ** 2, axis=1)))
+        / np.sqrt(np.mean(np.sum((mean[u] - mean[u].mean(axis=0)) ** 2, axis=1)))
+        for sh, u in zip(stack, present, strict=True)
+    ]
+    mean *= float(np.mean(sizes))
+    scales, rotations, residuals = [], [], []
+    for shape, use in zip(stack, present, strict=True):
+        s, angle, res = _fit(mean, shape, use)
+        scales.append(s)
+        rotations.append(abs(angle))
+        residuals.append(res)
+    res = np.stack(residuals)  # (N, L), NaN where not annotated
+    limit = _RESIDUAL_FACTOR * np.nanpercentile(res, _RESIDUAL_PERCENTILE, axis=0)
+    return ShapeSpec(
+        mean_mm=mean,
+        scale_range=(
+            min(1.0, min(scales) * (1.0 - scale) / (1.0 + _SCALE_MARGIN)),
+            max(1.0, max(scales) * (1.0 + scale) * (1.0 + _SCALE_MARGIN)),
+        ),
+        max_rotation_deg=min(180.0, max(rotations) + rotation_deg + _ROTATION_MARGIN_DEG),
+        max_residual_mm=limit + max(localization_mm, 1e-6),
+        shapes=len(stack),
+    )
+
+
+def check_shape(
+    points: np.ndarray, spec: ShapeSpec, trusted: np.ndarray | None = None
+) -> ShapeCheck:
+    """Compare the landmarks found in one image with the model's training shapes.
+
+    The mean shape is fitted to the found points by a similarity transform; the
+    landmark furthest beyond its limit is left out of the fit and the fit repeated,
+    until every landmark used is within its limit, so that one misplaced landmark does
+    not drag the fit and make its neighbours look wrong. At least half of the fitted
+    landmarks (and D + 1) stay in the fit.
+
+    Args:
+        points: ``(L, D)`` found landmarks in the grid frame (:func:`grid_frame_mm`),
+            model order; NaN rows for landmarks without estimate.
+        spec: The model's shape specification.
+        trusted: ``(L,)`` bool, the landmarks to fit on (e.g. those the vote checks
+            did not flag: a landmark cut off by the field of view would otherwise
+            drag the scale); all found ones when None or when fewer than D + 2 of them
+            are trusted. Every found landmark gets its distance and outlier flag.
+
+    Returns:
+        The fitted scale and rotation, each landmark's distance from the fitted mean
+        shape and its outlier flag, and the problems of the whole configuration: a
+        scale or rotation outside the model's range, or fewer than half the landmarks
+        consistent with any one placement of the mean shape.
+    """
+    points = np.asarray(points, dtype=np.float64)
+    mean, limit = spec.mean_mm, spec.max_residual_mm
+    found = np.isfinite(points).all(axis=1)
+    dim = mean.shape[1]
+    n_found = int(found.sum())
+    nan = np.full(len(points), np.nan)
+    if n_found < dim + 2:
+        # Too few points to say anything about their configuration.
+        return ShapeCheck(math.nan, math.nan, nan, np.zeros(len(points), bool), ())
+    use = found.copy()
+    if trusted is not None and int(np.sum(found & trusted)) >= dim + 2:
+        use &= np.asarray(trusted, dtype=bool)
+    fitted = int(use.sum())
+    keep_at_least = max(dim + 1, math.ceil(fitted / 2))
+    while True:
+        scale, angle, residual = _fit(mean, points, use)
+        ratio = np.where(use, residual / limit, 0.0)
+        worst = int(np.argmax(ratio))
+        if ratio[worst] <= 1.0 or use.sum() <= keep_at_least:
+            break
+        use[worst] = False
+    with np.errstate(invalid="ignore"):
+        outlier = found & (residual > limit)
+    problems = []
+    low, high = spec.scale_range
+    if not low <= scale <= high:
+        problems.append(
+            f"the landmarks span {scale:.2f} times the mean training shape (training "
+            f"range with augmentation {low:.2f}..{high:.2f}): check the pixel spacing"
+        )
+    if abs(angle) > spec.max_rotation_deg:
+        problems.append(
+            f"the landmarks are rotated {abs(angle):.0f} degrees against the mean training "
+            f"shape in the voxel grid (at most {spec.max_rotation_deg:.0f} seen in "
+            "training): the anatomy is tilted further than the model was trained for"
+        )
+    if (outlier & use).any():
+        problems.append(
+            f"no placement of the mean training shape fits more than {int(use.sum())} "
+            f"of the {fitted} landmarks it was fitted to"
+        )
+    return ShapeCheck(scale, angle, np.where(found, residual, np.nan), outlier, tuple(problems))
