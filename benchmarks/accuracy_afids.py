@@ -5,7 +5,8 @@
 
 Evaluates (a) the T2w template (a contrast never seen in training), (b) the held-out
 ``test`` deformations of the T1w template in ``--synthetic`` (fiducials moved by the
-same deformation), (c) the undeformed T1w template; prints per-fiducial errors beside
+same deformation; also without realignment, ``align=False``), (c) the undeformed T1w
+template; prints per-fiducial errors beside
 the four raters' errors against the consensus (the human level) and writes JSON with
 machine, versions and commit. Localize time: median of repeated runs on the T1w template
 (in-memory image; the read is timed separately).
@@ -125,14 +126,23 @@ def main(argv: list[str] | None = None) -> int:
     per["T2w"] = errors_mm(fastlmk.localize(t2w, model), truth)
 
     deformed: list[np.ndarray] = []
+    unaligned: list[np.ndarray] = []  # the same without realignment (fastlmk.align)
+    realigned_deg: list[float] = []
     if args.synthetic:
         synthetic = Path(args.synthetic)
         table = read_landmark_csv(synthetic / "landmarks.csv")
         for image_id in _test_split(synthetic):
-            lm = fastlmk.localize(synthetic / "images" / f"{image_id}.nii.gz", model)
+            image = fastlmk.read_image(synthetic / "images" / f"{image_id}.nii.gz")
+            lm = fastlmk.localize(image, model)
             deformed.append(errors_mm(lm, table[image_id]))
+            unaligned.append(
+                errors_mm(fastlmk.localize(image, model, align=False), table[image_id])
+            )
+            if "alignment" in lm.details:
+                realigned_deg.append(round(float(lm.details["alignment"]["rotation_deg"]), 1))
         if deformed:
             per["deformed"] = np.nanmean(np.stack(deformed), axis=0)
+            per["no_realign"] = np.nanmean(np.stack(unaligned), axis=0)
 
     times = _time_localize(t1w, model, args.repeats)
     t0 = time.perf_counter()
@@ -152,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         all_def = np.concatenate(deformed)
         print(
             f"held-out deformations: mean {np.nanmean(all_def):.2f} mm over {len(deformed)} "
-            f"volumes x {len(names)} fiducials"
+            f"volumes x {len(names)} fiducials ({len(realigned_deg)} realigned, by "
+            f"{realigned_deg} deg; without realignment "
+            f"{np.nanmean(np.concatenate(unaligned)):.2f} mm)"
         )
     med = statistics.median(times)
     print(
@@ -168,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         **_metadata(),
         "fiducials": names,
         "per_fiducial_mm": {c: [float(v) for v in per[c]] for c in columns},
-        "summary": {c: _summary(per[c]) for c in columns if c != "deformed"},
+        "summary": {c: _summary(per[c]) for c in columns if c not in ("deformed", "no_realign")},
         "localize_seconds": {"median": med, "min": min(times), "max": max(times), "runs": times},
         "read_seconds": read_s,
     }
@@ -176,7 +188,9 @@ def main(argv: list[str] | None = None) -> int:
         result["summary"]["raters_all"] = _summary(np.concatenate([per[c] for c in raters]))
     if deformed:
         result["summary"]["deformed"] = _summary(np.concatenate(deformed))
+        result["summary"]["deformed_without_realignment"] = _summary(np.concatenate(unaligned))
         result["deformed_images"] = len(deformed)
+        result["deformed_realigned_deg"] = realigned_deg
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(result_to_json(result) + "\n")

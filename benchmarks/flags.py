@@ -10,9 +10,10 @@
 - ``afids-mni152`` on the held-out synthetic volumes (``--afids-data``, written by
   ``python -m fastlmk.synthesis``; skipped when absent) and the two templates.
 - Misuse: image 155 and the T1w template with a wrong pixel spacing, mirrored, upside
-  down, and rotated against their voxel grid: the flags with and without the shape check
-  (:mod:`fastlmk.shape`), the fitted scale and rotation, and the errors against the
-  annotations carried through the same change.
+  down, and rotated against their voxel grid: flags and errors (against the annotations
+  carried through the same change) as shipped and without the shape model (no shape
+  check, :mod:`fastlmk.shape`; no realignment, :mod:`fastlmk.align`), and the fitted
+  scale and rotation.
 """
 
 from __future__ import annotations
@@ -155,8 +156,10 @@ def _misuse_cases(
 def _misuse(
     model: fastlmk.LandmarkModel, image: sitk.Image, truth_mm: np.ndarray, cases: list[_Case]
 ) -> dict[str, Any]:
+    """Each case as shipped (shape check, realignment above the model's threshold) and
+    without the shape model (neither)."""
     plain = fastlmk.load_model(model.path)
-    plain.config = replace(model.config, shape=None)
+    plain.config = replace(model.config, shape=None, align_above_deg=None)
     out = {}
     for name, case, mapping in cases:
         with warnings.catch_warnings():
@@ -164,20 +167,29 @@ def _misuse(
             lm = fastlmk.localize(case, model)
         before = fastlmk.localize(case, plain)
         check = lm.details["shape"]
-        entry: dict[str, Any] = {
+        truth = mapping(truth_mm)
+        errors = np.linalg.norm(lm.points_mm - truth, axis=1)
+        errors_before = np.linalg.norm(before.points_mm - truth, axis=1)
+        alignment = lm.details.get("alignment")
+        out[name] = {
             "flagged": int(lm.flagged.sum()),
-            "flagged_without_shape_check": int(before.flagged.sum()),
+            "realigned_deg": None if alignment is None else round(alignment["rotation_deg"], 1),
             "shape_scale": round(float(check.scale), 3),
             "shape_rotation_deg": round(float(check.rotation_deg), 1),
             "shape_outliers": int(check.outlier.sum()),
             "shape_problems": list(check.problems),
+            "mean_error_mm": round(float(np.nanmean(errors)), 2),
+            "max_error_mm": round(float(np.nanmax(errors)), 2),
+            "errors_over_4mm": int(np.sum(errors > 4)),
+            "errors_over_4mm_flagged": int(np.sum((errors > 4) & lm.flagged)),
+            "without_shape_model": {
+                "flagged": int(before.flagged.sum()),
+                "mean_error_mm": round(float(np.nanmean(errors_before)), 2),
+                "max_error_mm": round(float(np.nanmax(errors_before)), 2),
+                "errors_over_4mm": int(np.sum(errors_before > 4)),
+                "errors_over_4mm_flagged": int(np.sum((errors_before > 4) & before.flagged)),
+            },
         }
-        errors = np.linalg.norm(lm.points_mm - mapping(truth_mm), axis=1)
-        entry["mean_error_mm"] = round(float(np.nanmean(errors)), 2)
-        entry["max_error_mm"] = round(float(np.nanmax(errors)), 2)
-        entry["errors_over_4mm"] = int(np.sum(errors > 4))
-        entry["errors_over_4mm_flagged"] = int(np.sum((errors > 4) & lm.flagged))
-        out[name] = entry
     return out
 
 
@@ -201,7 +213,9 @@ def _afids_misuse(data: Path) -> dict[str, Any]:
     truth = np.array([points[names.index(n)] for n in model.names])
     cases: list[_Case] = [("as given", image, lambda p: p)]
     cases += _misuse_cases(
-        image, [0.5, 0.7, 1.5, 2.0, 3.0], [(10, 0, 0), (20, 10, 0), (0, 0, 20), (30, 0, 0)]
+        image,
+        [0.5, 0.7, 1.5, 2.0, 3.0],
+        [(10, 0, 0), (20, 10, 0), (0, 0, 20), (30, 0, 0), (0, 20, 0), (-20, 0, 0)],
     )
     return _misuse(model, image, truth, cases)
 

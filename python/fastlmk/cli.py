@@ -109,6 +109,16 @@ def _previous_table(path: Path, names: Sequence[str], dim: int) -> dict:
     return table
 
 
+def _degrees(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 180:
+        raise argparse.ArgumentTypeError(f"expected degrees in [0, 180], got {text!r}")
+    return value
+
+
 def _cmd_localize(args: argparse.Namespace) -> int:
     import time
     import warnings
@@ -132,7 +142,7 @@ def _cmd_localize(args: argparse.Namespace) -> int:
             image = as_image(item, spacing=spacing)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", ImplausibleShapeWarning)
-                lm = localize(image, model, backend=args.backend)
+                lm = localize(image, model, backend=args.backend, align=args.align)
             lm.image = name
             lm.to_csv(out / f"{name}.csv")
             lm.to_json(out / f"{name}.json")
@@ -387,6 +397,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--overlay", action="store_true", help="also write a PNG overlay per image")
     p.add_argument("--backend", default="auto", help="inference backend (default: auto)")
+    align = p.add_mutually_exclusive_group()
+    align.add_argument(
+        "--align",
+        nargs="?",
+        type=_degrees,
+        const=True,
+        default=None,
+        metavar="DEG",
+        help="realign anatomy tilted more than DEG degrees against the model's mean "
+        "training shape (default: the model's setting; without DEG: it, else 3)",
+    )
+    align.add_argument(
+        "--no-align", dest="align", action="store_false", help="never realign"
+    )
     p.set_defaults(func=_cmd_localize)
 
     p = sub.add_parser("evaluate", help="MRE / SDR of predictions against references")

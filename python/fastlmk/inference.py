@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import geometry
 from .backends import Backend, get_backend, run_local_stages
-from .errors import InvalidImageError
+from .errors import InvalidImageError, ModelError
 from .io import as_image
 from .landmarks import Landmarks
 from .model import LandmarkModel, load_model
@@ -191,6 +191,7 @@ def localize(
     *,
     spacing: float | tuple[float, ...] | None = None,
     backend: str = "auto",
+    align: bool | float | None = None,
 ) -> Landmarks:
     """Find the model's landmarks in one image.
 
@@ -206,6 +207,13 @@ def localize(
             or ``"tensorrt"``
             (see :mod:`fastlmk.backends`). On a GPU backend the whole
             pipeline (resampling, normalisation, crops, votes) runs on the device.
+        align: Realign anatomy tilted against the voxel grid (:mod:`fastlmk.align`):
+            when the points of a first pass are rotated more than a threshold against
+            the model's mean training shape, the image is turned back (on the CPU) and
+            localized again. None: the model's threshold (``align_above_deg`` in
+            model.json; none: off); False: off; True: the model's threshold, else
+            3 degrees; a number: that threshold in degrees. Needs a model with a shape
+            model.
 
     Returns:
         :class:`Landmarks` in physical LPS mm, with confidence and flags.
@@ -218,7 +226,35 @@ def localize(
         >>> lm = fastlmk.localize("ceph.jpg", "ceph-isbi2015", spacing=0.1)  # doctest: +SKIP
         >>> lm["sella"]                                                       # doctest: +SKIP
     """
-    return _localize(image, model, spacing=spacing, backend=backend)
+    model = load_model(model)
+    above = _align_threshold(model, align)
+    if above is None:
+        return _localize(image, model, spacing=spacing, backend=backend)
+    from .align import localize_aligned  # it calls _localize
+
+    return localize_aligned(image, model, spacing=spacing, backend=backend, above_deg=above)
+
+
+def _align_threshold(model: LandmarkModel, align: bool | float | None) -> float | None:
+    """The realignment threshold (degrees) that ``align`` asks for; None: no realignment."""
+    from .align import DEFAULT_ALIGN_DEG
+
+    cfg = model.config
+    if align is None:
+        return cfg.align_above_deg if cfg.shape is not None else None
+    if align is False:
+        return None
+    if cfg.shape is None:
+        raise ModelError(
+            f"align: model {cfg.name!r} has no shape model to measure the tilt against; "
+            "fit one with fastlmk calibrate --landmarks"
+        )
+    if align is True:
+        return cfg.align_above_deg if cfg.align_above_deg is not None else DEFAULT_ALIGN_DEG
+    degrees = float(align)
+    if not 0 <= degrees <= 180:
+        raise ValueError(f"align must be a bool or degrees in [0, 180], not {align!r}")
+    return degrees
 
 
 def _image_tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:
@@ -377,6 +413,7 @@ def _assemble(
         | local_outside
     )
     details["inside_image"] = inside
+    details["vote_flagged"] = flagged.copy()  # before the shape check (fastlmk.align)
     if cfg.shape is not None:
         # Fitted to the landmarks the vote checks trust: one cut off by the field of
         # view is placed at the edge and would drag the scale of the rest.

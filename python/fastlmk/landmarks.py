@@ -113,11 +113,19 @@ class Landmarks:
 
         Landmarks without an estimate are listed under ``extra.not_found`` instead;
         ``extra.shape`` holds the shape check's scale, rotation and problems (models
-        with a shape model).
+        with a shape model), ``extra.alignment`` the rotation of a realigned image
+        (:mod:`fastlmk.align`; the matrix acts in the oriented image's grid frame).
         """
         ok = self._found()
         check = self.details.get("shape")
-        shape = {"shape": _shape_dict(check)} if check is not None else {}
+        extra: dict[str, Any] = {"shape": _shape_dict(check)} if check is not None else {}
+        alignment = self.details.get("alignment")
+        if alignment is not None:
+            extra["alignment"] = {
+                "rotation_deg": float(alignment["rotation_deg"]),
+                "matrix": np.asarray(alignment["matrix"], dtype=float).tolist(),
+                "passes": int(alignment["passes"]),
+            }
         landmark_files.write_landmark_json(
             path,
             [n for n, keep in zip(self.names, ok, strict=True) if keep],
@@ -125,7 +133,7 @@ class Landmarks:
             image=self.image or None,
             confidence=self.confidence[ok],
             flagged=self.flagged[ok],
-            extra={"index": self.index[ok].tolist(), "not_found": self.not_found(), **shape},
+            extra={"index": self.index[ok].tolist(), "not_found": self.not_found(), **extra},
         )
         return Path(path)
 

@@ -236,6 +236,9 @@ class ModelConfig:
     # The training shapes, for the plausibility check of found configurations
     # (fastlmk.shape); None: no such check.
     shape: ShapeSpec | None = None
+    # Realign anatomy tilted more than this many degrees against the mean training
+    # shape (fastlmk.align; needs ``shape``); None: never by default.
+    align_above_deg: float | None = None
 
     @property
     def local_stages(self) -> dict[str, StageSpec]:
@@ -263,6 +266,8 @@ class ModelConfig:
             d["local_extra"] = [stage.to_dict() for stage in self.extra_local_stages]
         if self.shape is not None:
             d["shape"] = self.shape.to_dict()
+        if self.align_above_deg is not None:
+            d["align_above_deg"] = self.align_above_deg
         return d
 
     @classmethod
@@ -310,6 +315,16 @@ class ModelConfig:
             raise ModelError(
                 "model.json: 'local_extra' must be a list of stages, and needs a 'local' stage"
             )
+        shape = None if d.get("shape") is None else ShapeSpec.from_dict(d["shape"], names, dim)
+        align = d.get("align_above_deg")
+        if align is not None:
+            valid = isinstance(align, int | float) and not isinstance(align, bool)
+            if not valid or not 0 <= align <= 180 or shape is None:
+                raise ModelError(
+                    f"model.json: invalid value for 'align_above_deg': {align!r}; expected "
+                    "null or degrees in [0, 180], with a 'shape' entry"
+                )
+            align = float(align)
         return cls(
             name=str(d.get("name", "")),
             dim=dim,
@@ -325,7 +340,8 @@ class ModelConfig:
             orientation=str(d.get("orientation", "LPS")),
             description=str(d.get("description", "")),
             metadata=dict(_section(d, "metadata")),
-            shape=None if d.get("shape") is None else ShapeSpec.from_dict(d["shape"], names, dim),
+            shape=shape,
+            align_above_deg=align,
         )
 
 

@@ -1,0 +1,207 @@
+"""Localization of anatomy tilted against the voxel grid: turn the image, localize again.
+
+The networks see the voxel grid as stored, and answer anatomy tilted further than the
+training images were with points that follow the tilt only part of the way (the
+AFIDs model, shown a head rotated 30 degrees, returns fiducials in the usual brain
+pose, up to 32 mm off). The shape check of a first pass measures the tilt: the rotation
+of the model's mean training shape onto the points found
+(:func:`fastlmk.shape.check_shape`). When it exceeds the model's threshold, the image is
+resampled so that the anatomy turns back by that rotation (about the centroid of the
+points, in the grid frame of the oriented image), localized again, and the points are
+turned back into the original image's space. Since the first points follow the tilt
+only partly, this is repeated (up to :data:`MAX_PASSES` times, each pass resampling the
+original voxels with the accumulated rotation) until the remaining rotation is below
+:data:`DONE_DEG`.
+
+Everything is measured in the grid frame (voxel index times spacing), so the result
+does not depend on the direction matrix: the same voxels with a rotated direction give
+exactly rotated points.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from .geometry import Geometry, index_to_physical, physical_to_index
+from .io import as_image
+from .landmarks import Landmarks
+from .model import LandmarkModel
+from .preprocess import orient
+from .shape import ImplausibleShapeWarning, grid_frame_mm, similarity_fit
+
+__all__ = ["DEFAULT_ALIGN_DEG", "DONE_DEG", "MAX_PASSES", "localize_aligned"]
+
+# Threshold for ``align=True`` on a model that sets none.
+DEFAULT_ALIGN_DEG = 3.0
+# Passes after the first, and the remaining rotation at which they stop.
+MAX_PASSES = 3
+DONE_DEG = 1.0
+
+
+def _rotation_deg(rotation: np.ndarray) -> float:
+    if len(rotation) == 2:
+        return abs(math.degrees(math.atan2(rotation[1, 0], rotation[0, 0])))
+    cos = (np.trace(rotation) - 1.0) / 2.0
+    return math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
+
+
+def _fit_points(lm: Landmarks, dim: int) -> np.ndarray:
+    """``(L,)`` bool: the landmarks to fit the rotation to (found and not flagged by the
+    vote checks, or all found ones when fewer than D + 2 are)."""
+    found = np.isfinite(lm.points_mm).all(axis=1)
+    trusted = found & ~lm.details.get("vote_flagged", lm.flagged)
+    return trusted if trusted.sum() >= dim + 2 else found
+
+
+def _quiet_localize(
+    image: sitk.Image, model: LandmarkModel, backend: str
+) -> tuple[Landmarks, list[warnings.WarningMessage]]:
+    from .inference import _localize  # here: inference imports this module lazily
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ImplausibleShapeWarning)
+        lm = _localize(image, model, backend=backend)
+    return lm, caught
+
+
+def _replay(caught: list[warnings.WarningMessage], name: str) -> None:
+    for w in caught:
+        message = str(w.message)
+        if issubclass(w.category, ImplausibleShapeWarning) and name:
+            message = f"{name}: {message}"
+        warnings.warn_explicit(message, w.category, w.filename, w.lineno)
+
+
+def localize_aligned(
+    image: Any,
+    model: LandmarkModel,
+    *,
+    spacing: float | tuple[float, ...] | None = None,
+    backend: str = "auto",
+    above_deg: float,
+) -> Landmarks:
+    """:func:`fastlmk.localize`, realigning anatomy tilted more than ``above_deg``.
+
+    Args:
+        image: As for :func:`fastlmk.localize`.
+        model: A loaded model with a shape model (``model.config.shape``).
+        spacing: As for :func:`fastlmk.localize`.
+        backend: As for :func:`fastlmk.localize`.
+        above_deg: Realign when the first pass's points are rotated more than this
+            (degrees) against the mean training shape.
+
+    Returns:
+        The landmarks in the original image's physical space (LPS mm). After
+        realignment, confidence, flags and ``details`` are those of the last pass (the
+        points in ``details`` mapped back to the original space; its shape check is
+        measured in the turned image), and ``details["alignment"]``
+        holds the rotation applied (``rotation_deg``, the ``(D, D)`` ``matrix`` in the
+        grid frame) and the number of passes.
+    """
+    cfg = model.config
+    if cfg.shape is None:
+        raise ValueError(f"model {cfg.name!r} has no shape model: it cannot be realigned")
+    name = Path(image).name.split(".")[0] if isinstance(image, str | Path) else ""
+    img = as_image(image, spacing=spacing, keep_integer=True)
+    first, caught = _quiet_localize(img, model, backend)
+    check = first.details.get("shape")
+    found = np.isfinite(first.points_mm).all(axis=1)
+    # The vote checks' flags: the shape check flags every landmark of a shape rotated
+    # beyond the training range, which is what realignment is for.
+    trusted = int(np.sum(found & ~first.details.get("vote_flagged", first.flagged)))
+    tilted = (
+        check is not None
+        and np.isfinite(check.rotation_deg)
+        and abs(check.rotation_deg) > above_deg
+        # The tilt is measured on points the vote checks trust; when most are flagged
+        # (e.g. a field of view that cuts half of the anatomy off) it is not a tilt.
+        and trusted >= max(cfg.dim + 2, math.ceil(found.sum() / 2))
+        # A wrong spacing is not a tilt either: turning the image would not help.
+        and cfg.shape.scale_range[0] <= check.scale <= cfg.shape.scale_range[1]
+    )
+    if not tilted:
+        _replay(caught, name)
+        return replace(first, image=name)
+
+    dim = cfg.dim
+    oriented = orient(img, cfg.orientation)
+    geometry = Geometry.from_sitk(oriented)
+    # The oriented voxels with origin 0 and identity direction: physical = grid frame.
+    grid = sitk.Image(oriented)
+    grid.SetOrigin([0.0] * dim)
+    grid.SetDirection(np.eye(dim).ravel().tolist())
+    # Padding where the turned image leaves the original field of view: the darkest
+    # value, the usual background of X-ray and MR images.
+    stats = sitk.MinimumMaximumImageFilter()
+    stats.Execute(grid)
+    background = float(stats.GetMinimum())
+
+    points = grid_frame_mm(first.points_mm, geometry)
+    use = _fit_points(first, dim)
+    centre = points[use].mean(axis=0)
+    total = np.eye(dim)
+    lm, passes = first, 0
+    while passes < MAX_PASSES:
+        passes += 1
+        _, turn, _ = similarity_fit(cfg.shape.mean_mm[use], points[use])
+        total = total @ turn
+        # Resample: output(p) = grid(total (p - c) + c): anatomy turned back by total.
+        transform = sitk.AffineTransform(dim)
+        transform.SetMatrix(total.ravel().tolist())
+        transform.SetCenter(centre.tolist())
+        turned = sitk.Resample(grid, grid, transform, sitk.sitkLinear, background)
+        lm, caught = _quiet_localize(turned, model, backend)
+        points = lm.points_mm  # the turned image's physical space is its grid frame
+        use = _fit_points(lm, dim)
+        remaining = lm.details.get("shape")
+        if (
+            remaining is None
+            or not np.isfinite(remaining.rotation_deg)
+            or abs(remaining.rotation_deg) < DONE_DEG
+            or use.sum() < dim + 2
+        ):
+            break
+    _replay(caught, name)
+
+    def to_physical(turned_points: np.ndarray) -> np.ndarray:
+        """Points (..., D) of the turned image -> LPS mm of the original image."""
+        flat = turned_points.reshape(-1, dim)
+        grid_points = (flat - centre) @ total.T + centre
+        return index_to_physical(grid_points / geometry.spacing, geometry).reshape(
+            turned_points.shape
+        )
+
+    physical = to_physical(points)
+    original = Geometry.from_sitk(img)
+    index = physical_to_index(physical, original)
+    size = np.array(img.GetSize(), dtype=float)
+    with np.errstate(invalid="ignore"):
+        inside = ((index >= -0.5) & (index <= size - 0.5)).all(axis=1)
+    flagged = lm.flagged | ~inside
+    details = dict(lm.details)
+    for key in ("global_points_mm", "local_stage_points_mm"):
+        if key in details:
+            details[key] = to_physical(np.asarray(details[key], dtype=float))
+    details["inside_image"] = inside
+    details["alignment"] = {
+        "rotation_deg": _rotation_deg(total),
+        "matrix": total,
+        "passes": passes,
+    }
+    details["first_pass_points_mm"] = first.points_mm
+    return Landmarks(
+        names=lm.names,
+        points_mm=physical,
+        index=index,
+        confidence=np.where(flagged, np.minimum(lm.confidence, 0.5), lm.confidence),
+        flagged=flagged,
+        image=name,
+        details=details,
+    )
