@@ -357,3 +357,23 @@ def test_models_of_other_orientations_are_not_pooled(model_2d: Path, tmp_path: P
     other.save(tmp_path / "ras")
     with pytest.raises(ModelError, match="orientation"):
         ensemble_local([model_2d, tmp_path / "ras"])
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_members_of_two_strides_export_with_dynamic_sizes(dim: int, tmp_path: Path) -> None:
+    """A local stage pooling a stride-4 and a stride-8 network (as the ISBI model's A and
+    B): the ONNX file must match torch at the traced crop size and at another size (the
+    second member's cell offsets depend on the first member's output width)."""
+    from fastlmk.export import export_onnx
+    from test_export import small_model
+
+    fine = small_model(dim, seed=5)
+    assert fine.config.local_stage is not None
+    stage = replace(fine.config.local_stage, network=COARSE)
+    torch.manual_seed(6)
+    coarse = LandmarkModel.create(replace(fine.config, name="coarse", local_stage=stage))
+    coarse.global_net.load_state_dict(fine.global_net.state_dict())
+    model = ensemble_local([fine, coarse])
+    assert isinstance(model.config.local_stage.network, EnsembleSpec)
+    results = export_onnx(model, tmp_path / "m")
+    assert all(r.max_abs_diff < 1e-4 for r in results), results

@@ -367,7 +367,9 @@ class NetworkEnsemble(nn.Module):
         for member, mspec in zip(self.members, self.spec.members, strict=True):
             logits, disp = member(x)
             logits, disp = self._to_fine(logits, disp, mspec.stride // s, shift)
-            shift += float(logits.shape[-1] * s)
+            # No float(): traced for ONNX, the width stays a function of the input size
+            # (a Python number would freeze the traced shape into the graph).
+            shift = shift + logits.shape[-1] * s
             all_logits.append(logits)
             all_disp.append(disp)
         return torch.cat(all_logits, dim=-1), torch.cat(all_disp, dim=-1)
