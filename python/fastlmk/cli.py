@@ -260,6 +260,17 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_onnx
     from .model import load_model
 
+    int8_only = [
+        flag
+        for flag, value in (("--calibration", args.calibration), ("--stages", args.stages))
+        if value
+    ]
+    if int8_only and not args.int8:
+        raise FastlmkError(f"{' and '.join(int8_only)} only apply with --int8")
+    if args.stages and len(set(args.stages)) != len(args.stages):
+        raise FastlmkError(f"--stages names a stage more than once: {' '.join(args.stages)}")
+    if args.int8 and args.fp16:
+        raise FastlmkError("--int8 and --fp16 write different files: give one of them")
     model = load_model(args.model)
     if args.int8:
         from .quantize import check_calibration_images, quantize_int8

@@ -285,9 +285,18 @@ def _localize(
     # (faster than a float32 SimpleITK copy first).
     img = as_image(image, spacing=spacing, keep_integer=True)
     if img.GetDimension() != cfg.dim:
+        # A colour array (H, W, 3) or (H, W, 4) reads as a volume of 3 or 4 slices.
+        colour = cfg.dim == 2 and img.GetDimension() == 3 and img.GetSize()[0] in (3, 4)
+        hint = (
+            f"; an array of shape (H, W, {img.GetSize()[0]}) is read as a volume of "
+            f"{img.GetSize()[0]} slices: if it is a colour image, give one channel (e.g. "
+            "array[..., 0]) or the mean of the channels"
+            if colour
+            else ""
+        )
         raise InvalidImageError(
             f"model {cfg.name!r} localizes landmarks in {cfg.dim}D images but the input is "
-            f"{img.GetDimension()}D (size {img.GetSize()})"
+            f"{img.GetDimension()}D (size {img.GetSize()}){hint}"
         )
     _check_extent(img, cfg.global_stage.spacing, cfg.name)
     runner = get_backend(model, backend) if isinstance(backend, str) else backend

@@ -130,7 +130,14 @@ def _to_single_channel(image: sitk.Image) -> sitk.Image:
 
 
 def _read_dicom_series(directory: Path) -> sitk.Image:
-    series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
+    # ITK prints a multi-line warning on stderr for a directory without a series; the
+    # error below says it in one line.
+    shown = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        series_ids = sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(directory))
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(shown)
     if not series_ids:
         raise InvalidImageError(
             f"{directory}: directory contains no DICOM series. Pass a DICOM series "

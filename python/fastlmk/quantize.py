@@ -204,6 +204,8 @@ def quantize_int8(
     fp32_files = onnx_files(model)
     if stages is None:
         stages = list(fp32_files)
+    if len(set(stages)) != len(stages):
+        raise ExportError(f"stages {list(stages)} name a stage more than once")
     unknown = sorted(set(stages) - set(fp32_files))
     if unknown or not stages:
         raise ExportError(
