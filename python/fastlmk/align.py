@@ -34,7 +34,7 @@ from .io import as_image
 from .landmarks import Landmarks
 from .model import LandmarkModel
 from .preprocess import orient
-from .shape import ImplausibleShapeWarning, grid_frame_mm, similarity_fit
+from .shape import ImplausibleShapeWarning, grid_frame_mm, rotation_angle_deg, similarity_fit
 
 __all__ = ["DEFAULT_ALIGN_DEG", "DONE_DEG", "MAX_PASSES", "localize_aligned"]
 
@@ -43,13 +43,6 @@ DEFAULT_ALIGN_DEG = 3.0
 # Passes after the first, and the remaining rotation at which they stop.
 MAX_PASSES = 3
 DONE_DEG = 1.0
-
-
-def _rotation_deg(rotation: np.ndarray) -> float:
-    if len(rotation) == 2:
-        return abs(math.degrees(math.atan2(rotation[1, 0], rotation[0, 0])))
-    cos = (np.trace(rotation) - 1.0) / 2.0
-    return math.degrees(math.acos(float(np.clip(cos, -1.0, 1.0))))
 
 
 def _fit_points(lm: Landmarks, dim: int) -> np.ndarray:
@@ -191,7 +184,7 @@ def localize_aligned(
             details[key] = to_physical(np.asarray(details[key], dtype=float))
     details["inside_image"] = inside
     details["alignment"] = {
-        "rotation_deg": _rotation_deg(total),
+        "rotation_deg": abs(rotation_angle_deg(total)),
         "matrix": total,
         "passes": passes,
     }

@@ -37,6 +37,7 @@ __all__ = [
     "check_shape",
     "fit_shape_model",
     "grid_frame_mm",
+    "rotation_angle_deg",
     "similarity_fit",
 ]
 
@@ -192,7 +193,9 @@ def similarity_fit(source: np.ndarray, target: np.ndarray) -> tuple[float, np.nd
     return scale, rotation, mu_t - scale * (rotation @ mu_s)
 
 
-def _rotation_deg(rotation: np.ndarray) -> float:
+def rotation_angle_deg(rotation: np.ndarray) -> float:
+    """Angle of a rotation matrix in degrees: 2D signed (counter-clockwise in the (x, y)
+    plane), 3D the angle about its axis (>= 0)."""
     if len(rotation) == 2:
         return math.degrees(math.atan2(rotation[1, 0], rotation[0, 0]))
     cos = (np.trace(rotation) - 1.0) / 2.0
@@ -206,7 +209,7 @@ def _fit(mean: np.ndarray, points: np.ndarray, use: np.ndarray) -> tuple[float, 
     fitted = scale * mean @ rotation.T + shift
     with np.errstate(invalid="ignore"):
         residual = np.linalg.norm(points - fitted, axis=1)
-    return scale, _rotation_deg(rotation), residual
+    return scale, rotation_angle_deg(rotation), residual
 
 
 def fit_shape_model(
