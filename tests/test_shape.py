@@ -343,3 +343,18 @@ def test_cli_localize_reports_an_implausible_shape_on_one_line(
     assert "4 flagged" in captured.out
     doc = json.loads((tmp_path / "out" / "half.json").read_text())
     assert "pixel spacing" in doc["extra"]["shape"]["problems"][0]
+
+
+def test_calibrate_shape_refuses_annotations_of_another_dimensionality(
+    model_2d: Path, phantom_2d: Path
+) -> None:
+    images = sorted((phantom_2d / "images").glob("*.mha"))[:12]
+    table = read_landmark_csv(phantom_2d / "landmarks.csv")
+    first = images[0].name.split(".")[0]
+    table[first] = {n: np.append(p, 0.0) for n, p in table[first].items()}  # 3D points
+    with pytest.raises(FastlmkError, match="not 2D"):
+        calibrate_shape(model_2d, images, table)
+    name = next(iter(table[first]))
+    table[first][name] = table[first][name][:2]  # one 2D point among 3D ones
+    with pytest.raises(FastlmkError, match="not 2D"):
+        calibrate_shape(model_2d, images, table)

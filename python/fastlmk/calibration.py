@@ -286,9 +286,12 @@ def calibrate_shape(
             continue
         geometry = Geometry.from_sitk(orient(as_image(item, spacing=spacing), cfg.orientation))
         table = landmarks[image_id]
-        points = np.array(
-            [table.get(n, np.full(cfg.dim, np.nan)) for n in cfg.landmarks], dtype=float
-        )
+        try:
+            points = np.array(
+                [table.get(n, np.full(cfg.dim, np.nan)) for n in cfg.landmarks], dtype=float
+            )
+        except ValueError:  # points of several dimensionalities
+            points = np.empty(0)
         if points.shape != (len(cfg.landmarks), cfg.dim):
             raise FastlmkError(
                 f"the annotations of {image_id} are not {cfg.dim}D like model {cfg.name!r}"

@@ -86,7 +86,7 @@ from .model import (
 from .networks import LandmarkFCN, NetworkEnsemble, network_spec_from_dict
 from .preprocess import orient, stage_image
 from .sampling import sample_patches, source_to_patch
-from .shape import MIN_SHAPES, fit_shape_model, grid_frame_mm
+from .shape import fit_shape_model, grid_frame_mm
 from .targets import LossWeights, landmark_loss
 
 __all__ = ["TrainConfigError", "load_training_config", "network_loss", "train"]
@@ -995,7 +995,7 @@ class _Trainer:
                 localization_mm=float(np.mean(cfg.global_stage.spacing)),
             )
         except ValueError as exc:
-            self.log(f"no shape model (at least {MIN_SHAPES} images needed): {exc}")
+            self.log(f"no shape model, so no shape check: {exc}")
             return
         self.model.config = replace(cfg, shape=spec)
         low, high = spec.scale_range
