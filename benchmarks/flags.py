@@ -3,7 +3,8 @@
     python benchmarks/flags.py --out benchmarks/results/flags.json
 
 - ``ceph-isbi2015`` on the 150 test1 cephalograms: flagged estimates and their errors
-  against the mean of the two annotators, and the number of misses beyond 4 mm.
+  against the mean of the two annotators, and the number of misses beyond 4 mm; and how
+  often the shape check flags one of the found landmarks moved by 5-25 mm.
 - ``ceph-isbi2015`` on image 155 cut at row 1500 (the chin and the lower face are
   outside): flags of the landmarks the cut removes (by their position on the whole
   image) and of those it keeps.
@@ -31,9 +32,9 @@ import numpy as np
 import SimpleITK as sitk
 
 import fastlmk
-from fastlmk.geometry import index_to_physical, physical_to_index
+from fastlmk.geometry import Geometry, index_to_physical, physical_to_index
 from fastlmk.landmark_files import read_fcsv, read_landmark_csv
-from fastlmk.shape import ImplausibleShapeWarning
+from fastlmk.shape import ImplausibleShapeWarning, check_shape, grid_frame_mm
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -42,15 +43,15 @@ def _ceph(data: Path) -> dict[str, Any]:
     senior = read_landmark_csv(data / "landmarks_senior.csv")
     junior = read_landmark_csv(data / "landmarks_junior.csv")
     model = fastlmk.load_model("ceph-isbi2015")
-    flagged, errors = [], []
+    flagged, errors, grid_points = [], [], []
     for i in range(151, 301):
         key = f"{i:03d}"
-        lm = fastlmk.localize(
-            fastlmk.read_image(data / "images" / f"{key}.jpg", spacing=0.1), model
-        )
+        image = fastlmk.read_image(data / "images" / f"{key}.jpg", spacing=0.1)
+        lm = fastlmk.localize(image, model)
         truth = {n: (senior[key][n] + junior[key][n]) / 2 for n in lm.names}
         flagged.append(lm.flagged)
         errors.append([float(np.linalg.norm(lm[n] - truth[n])) for n in lm.names])
+        grid_points.append(grid_frame_mm(lm.points_mm, Geometry.from_sitk(image)))
     f, e = np.array(flagged), np.array(errors)
     image = fastlmk.read_image(data / "images" / "155.jpg", spacing=0.1)
     whole = fastlmk.localize(image, model)
@@ -64,6 +65,7 @@ def _ceph(data: Path) -> dict[str, Any]:
             "errors_over_4mm": int((e > 4).sum()),
             "errors_over_4mm_flagged": int((f & (e > 4)).sum()),
         },
+        "test1_one_landmark_displaced": _displaced(grid_points, model),
         "image155_cut_at_row_1500": {
             "removed": int(removed.sum()),
             "removed_flagged": int(cut.flagged[removed].sum()),
@@ -71,6 +73,30 @@ def _ceph(data: Path) -> dict[str, Any]:
             "kept_flagged": int(cut.flagged[~removed].sum()),
         },
     }
+
+
+def _displaced(grid_points: list[np.ndarray], model: fastlmk.LandmarkModel) -> dict[str, Any]:
+    """On each image's found points, one landmark (random, seed 0) moved by 5, 8, 15 or
+    25 mm in a random direction: how often the shape check flags it, with the model's
+    conditional predictions and with the fitted mean shape alone."""
+    spec = model.config.shape
+    assert spec is not None
+    mean_only = replace(spec, covariance=None, max_conditional_mm=None)
+    rng = np.random.default_rng(0)
+    out: dict[str, Any] = {"images": len(grid_points)}
+    for distance in (5.0, 8.0, 15.0, 25.0):
+        caught = {"conditional": 0, "mean_shape_only": 0, "others_flagged": 0}
+        for points in grid_points:
+            moved = points.copy()
+            k = int(rng.integers(len(points)))
+            direction = rng.normal(size=points.shape[1])
+            moved[k] += distance * direction / np.linalg.norm(direction)
+            check = check_shape(moved, spec)
+            caught["conditional"] += int(check.outlier[k])
+            caught["others_flagged"] += int(np.delete(check.outlier, k).sum())
+            caught["mean_shape_only"] += int(check_shape(moved, mean_only).outlier[k])
+        out[f"{distance:g}_mm"] = caught
+    return out
 
 
 def _afids(data: Path, synthetic: Path | None) -> dict[str, Any]:

@@ -358,3 +358,96 @@ def test_calibrate_shape_refuses_annotations_of_another_dimensionality(
     table[first][name] = table[first][name][:2]  # one 2D point among 3D ones
     with pytest.raises(FastlmkError, match="not 2D"):
         calibrate_shape(model_2d, images, table)
+
+
+def _reference_conditional(x, mean, cov, given, dim):
+    """Textbook conditional Gaussian, one landmark at a time, float64 solves."""
+    out = np.full(len(given), np.nan)
+    for k in range(len(given)):
+        t = np.arange(k * dim, (k + 1) * dim)
+        others = [i for i in range(len(x)) if given[i // dim] and i // dim != k]
+        gain = cov[np.ix_(t, others)] @ np.linalg.inv(cov[np.ix_(others, others)])
+        predicted = mean[t] + gain @ (x[others] - mean[others])
+        out[k] = np.linalg.norm(x[t] - predicted)
+    return out
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_conditional_residuals_match_the_textbook_formula(dim: int) -> None:
+    from fastlmk.shape import _conditional_residuals
+
+    rng = np.random.default_rng(dim)
+    n = 7 * dim
+    a = rng.normal(size=(n, n))
+    cov = a @ a.T + 0.5 * np.eye(n)
+    mean, x = rng.normal(size=n), rng.normal(size=n) * 3
+    given = np.array([True, True, False, True, True, False, True])
+    got = _conditional_residuals(x, mean, cov, given, dim)
+    np.testing.assert_allclose(got, _reference_conditional(x, mean, cov, given, dim), rtol=1e-9)
+
+
+def _linked_population(n: int, seed: int) -> list[np.ndarray]:
+    """Twelve 2D landmarks in four triangles of side 3 mm; each triangle moves by about
+    5 mm (sd) as one, so a landmark is far from the mean shape but close to where its
+    two partners put it."""
+    rng = np.random.default_rng(seed)
+    base = np.random.default_rng(7).uniform(-60, 60, (4, 2))
+    triangle = np.array([[0.0, 0.0], [3.0, 0.0], [1.5, 2.6]])
+    shapes = []
+    for _ in range(n):
+        groups = base + rng.normal(0, 5, base.shape)
+        shape = np.repeat(groups, 3, axis=0) + np.tile(triangle, (4, 1))
+        shape += rng.normal(0, 0.2, shape.shape)
+        angle = math.radians(rng.uniform(-10, 10))
+        rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
+        shapes.append(rng.uniform(0.9, 1.1) * shape @ rot.T + rng.uniform(-20, 20, 2))
+    return shapes
+
+
+def test_the_conditional_model_catches_what_the_mean_shape_cannot() -> None:
+    shapes = _linked_population(81, seed=9)
+    spec = fit_shape_model(shapes[:80], localization_mm=0.5)
+    assert spec.covariance is not None and spec.max_conditional_mm is not None
+    # Triangles vary by 5 mm about the mean shape, partners by 0.2 mm about each other.
+    assert spec.max_residual_mm.min() > 10 and spec.max_conditional_mm.max() < 4
+    shape = shapes[80].copy()
+    assert not check_shape(shape, spec).outlier.any()
+    shape[4] += [5.0, 5.0]  # 7 mm away from where its two partners put it
+    check = check_shape(shape, spec)
+    assert check.outlier.tolist() == [i == 4 for i in range(12)]
+    assert check.residual_mm[4] == pytest.approx(7.07, abs=1.0)
+    mean_only = replace(spec, covariance=None, max_conditional_mm=None)
+    assert not check_shape(shape, mean_only).outlier.any()  # within the triangles' motion
+
+
+def test_the_conditional_check_does_not_depend_on_pose() -> None:
+    shapes = _linked_population(81, seed=10)
+    spec = fit_shape_model(shapes[:80], localization_mm=0.5)
+    shape = shapes[80].copy()
+    shape[7] += [6.0, -4.0]
+    a = math.radians(17)
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    posed = 1.08 * shape @ rot.T + [40.0, -25.0]
+    one, two = check_shape(shape, spec), check_shape(posed, spec)
+    assert one.outlier.tolist() == two.outlier.tolist() and one.outlier[7]
+    np.testing.assert_allclose(two.residual_mm, 1.08 * one.residual_mm, rtol=1e-6)
+
+
+def test_shape_spec_with_covariance_round_trips_and_is_checked() -> None:
+    shapes = _linked_population(40, seed=11)
+    spec = fit_shape_model(shapes)
+    names = [f"p{i}" for i in range(12)]
+    doc = json.loads(json.dumps(spec.to_dict()))
+    back = ShapeSpec.from_dict(doc, names, 2)
+    assert back.covariance is not None and back.max_conditional_mm is not None
+    np.testing.assert_allclose(back.covariance, spec.covariance, rtol=1e-5, atol=1e-9)
+    probe = shapes[0].copy()
+    probe[3] += 9.0
+    np.testing.assert_allclose(
+        check_shape(probe, back).residual_mm, check_shape(probe, spec).residual_mm, atol=1e-3
+    )  # mm: model.json keeps six significant digits
+    bad = dict(doc, covariance=[row[:-1] for row in doc["covariance"]])
+    with pytest.raises(ModelError, match="does not fit the model"):
+        ShapeSpec.from_dict(bad, names, 2)
+    with pytest.raises(ModelError, match="does not fit the model"):
+        ShapeSpec.from_dict({k: v for k, v in doc.items() if k != "covariance"}, names, 2)

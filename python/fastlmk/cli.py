@@ -334,10 +334,13 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         )
         path = write_shape(model, shape)
         low_s, high_s = shape.scale_range
+        limits, what = shape.max_residual_mm, "from the fitted mean shape"
+        if shape.max_conditional_mm is not None:
+            limits, what = shape.max_conditional_mm, "from their prediction by the others"
         print(
             f"shape model from {shape.shapes} annotated images: scale {low_s:.2f}..{high_s:.2f}, "
             f"rotation <= {shape.max_rotation_deg:.0f} deg, landmark distance limits "
-            f"{shape.max_residual_mm.min():.3g}..{shape.max_residual_mm.max():.3g} mm\n"
+            f"{limits.min():.3g}..{limits.max():.3g} mm {what}\n"
             f"written to {path}"
         )
     if args.shape_only:

@@ -55,6 +55,12 @@ _RESIDUAL_PERCENTILE = 99.5
 # another tenth off, the rotation another five degrees.
 _SCALE_MARGIN = 0.10
 _ROTATION_MARGIN_DEG = 5.0
+# Ridge added to the covariance of the aligned training shapes: a share of the mean
+# coordinate variance, at least (0.1 mm)^2. With fewer shapes than coordinates the
+# covariance is singular; the ridge also keeps the predictions from trusting
+# directions in which the training shapes happened not to vary.
+_RIDGE_SHARE = 1e-3
+_MIN_RIDGE_MM2 = 0.01
 
 
 class ImplausibleShapeWarning(UserWarning):
@@ -76,6 +82,12 @@ class ShapeSpec:
         max_residual_mm: ``(L,)`` largest distance of each landmark from the fitted
             mean shape.
         shapes: Number of training shapes it was derived from.
+        covariance: ``(L*D, L*D)`` covariance of the training shapes aligned to
+            ``mean_mm`` (coordinates landmark-major: x0, y0[, z0], x1, ...), or None.
+            With it, each landmark is also predicted from the others (the Gaussian
+            conditional mean) and compared with ``max_conditional_mm``.
+        max_conditional_mm: ``(L,)`` largest distance of each landmark from its
+            prediction by the others, or None.
     """
 
     mean_mm: np.ndarray
@@ -83,15 +95,23 @@ class ShapeSpec:
     max_rotation_deg: float
     max_residual_mm: np.ndarray
     shapes: int
+    covariance: np.ndarray | None = None
+    max_conditional_mm: np.ndarray | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "mean_mm": np.round(self.mean_mm, 4).tolist(),
             "scale_range": [float(v) for v in self.scale_range],
             "max_rotation_deg": float(self.max_rotation_deg),
             "max_residual_mm": np.round(self.max_residual_mm, 4).tolist(),
             "shapes": int(self.shapes),
         }
+        if self.covariance is not None and self.max_conditional_mm is not None:
+            # Six significant digits: the conditional predictions need the small
+            # eigenvalues, which rounding to fixed decimals would destroy.
+            d["covariance"] = [[float(f"{v:.6g}") for v in row] for row in self.covariance]
+            d["max_conditional_mm"] = np.round(self.max_conditional_mm, 4).tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: Any, names: Sequence[str], dim: int) -> ShapeSpec:
@@ -106,6 +126,10 @@ class ShapeSpec:
             rotation = float(d["max_rotation_deg"])
             residual = np.asarray(d["max_residual_mm"], dtype=np.float64)
             shapes = int(d["shapes"])
+            cov = d.get("covariance")
+            covariance = None if cov is None else np.asarray(cov, dtype=np.float64)
+            cond = d.get("max_conditional_mm")
+            conditional = None if cond is None else np.asarray(cond, dtype=np.float64)
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(
                 f"model.json: invalid 'shape' entry ({type(exc).__name__}: {exc}); "
@@ -120,6 +144,18 @@ class ShapeSpec:
             and bool(np.all(residual > 0))
             and 0 < low <= 1 <= high < math.inf
             and 0 < rotation <= 180
+            and (covariance is None) == (conditional is None)
+            and (
+                covariance is None
+                or conditional is None
+                or (
+                    covariance.shape == (n * dim, n * dim)
+                    and conditional.shape == (n,)
+                    and np.isfinite(covariance).all()
+                    and np.allclose(covariance, covariance.T, rtol=1e-4, atol=1e-6)
+                    and bool(np.all(conditional > 0))
+                )
+            )
         )
         if not valid:
             raise ModelError(
@@ -127,7 +163,7 @@ class ShapeSpec:
                 f"{dim}D) or has values out of range; remove it (no shape check) or "
                 "recompute it with fastlmk calibrate --landmarks"
             )
-        return cls(mean, (low, high), rotation, residual, shapes)
+        return cls(mean, (low, high), rotation, residual, shapes, covariance, conditional)
 
 
 @dataclass(frozen=True, eq=False)
@@ -139,8 +175,10 @@ class ShapeCheck:
         rotation_deg: Rotation of the found shape against the mean training shape
             (2D: signed, counter-clockwise in the (x, y) index plane; 3D: the angle of
             the rotation).
-        residual_mm: ``(L,)`` distance of each landmark from the fitted mean shape
-            (NaN where there is no estimate).
+        residual_mm: ``(L,)`` distance (mm) of each landmark from where the other
+            landmarks put it: its Gaussian conditional mean given them where the model
+            has a covariance, else the fitted mean shape (NaN where there is no
+            estimate).
         outlier: ``(L,)`` True where ``residual_mm`` is beyond the model's limit.
         problems: What makes the whole configuration implausible (empty: nothing).
     """
@@ -212,6 +250,110 @@ def _fit(mean: np.ndarray, points: np.ndarray, use: np.ndarray) -> tuple[float, 
     return scale, rotation_angle_deg(rotation), residual
 
 
+def _covariance(aligned: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Ridge-regularised covariance ``(L*D, L*D)`` of shapes ``(N, L*D)`` about ``mean``."""
+    dev = aligned - mean
+    cov = dev.T @ dev / max(len(aligned) - 1, 1)
+    ridge = max(_MIN_RIDGE_MM2, _RIDGE_SHARE * float(np.trace(cov)) / len(cov))
+    return cov + ridge * np.eye(len(cov))
+
+
+# Variance (mm^2) given to the directions in which a similarity transform moves the mean
+# shape: far above any shape variation, so that the predictions ignore them.
+_POSE_VARIANCE_MM2 = 1e6
+
+
+def _pose_directions(mean: np.ndarray) -> np.ndarray:
+    """Orthonormal ``(L*D, k)`` basis of the changes of the flattened ``mean`` under
+    translation, rotation and scaling (k = 4 in 2D, 7 in 3D)."""
+    n_lm, dim = mean.shape
+    directions = []
+    for axis in range(dim):  # translations
+        t = np.zeros((n_lm, dim))
+        t[:, axis] = 1.0
+        directions.append(t.ravel())
+    if dim == 2:
+        directions.append(np.column_stack([-mean[:, 1], mean[:, 0]]).ravel())
+    else:
+        for unit in np.eye(3):
+            directions.append(np.cross(unit, mean).ravel())
+    directions.append(mean.ravel())  # scaling
+    q, _ = np.linalg.qr(np.stack(directions, axis=1))
+    return q
+
+
+def _pose_free(cov: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """``cov`` with a huge variance along the pose directions of ``mean``.
+
+    Shapes aligned by a similarity fit satisfy exact constraints (fixed centroid,
+    rotation, size): without this, each landmark would be "predicted" from the others
+    through those constraints, and a misplaced landmark, once the shape is realigned,
+    would look consistent.
+    """
+    q = _pose_directions(mean)
+    return cov + _POSE_VARIANCE_MM2 * (q @ q.T)
+
+
+def _conditional_residuals(
+    x: np.ndarray, mean: np.ndarray, cov: np.ndarray, given: np.ndarray, dim: int
+) -> np.ndarray:
+    """Distance of each landmark of ``x`` (``(L*D,)``, aligned to the mean shape) from
+    its Gaussian conditional mean given the landmarks in ``given`` other than itself.
+
+    For a landmark in ``given`` the residual is ``P_tt^-1 (P (x - mean))_t`` with ``P``
+    the precision of the ``given`` coordinates (one inversion for all of them); for
+    one outside, ``x_t - mean_t - C_tG P (x_G - mean_G)``. NaN where ``x`` is NaN.
+    """
+    n = len(given)
+    out = np.full(n, np.nan)
+    coords = np.repeat(given, dim)
+    if not coords.any():
+        return out
+    precision = np.linalg.inv(cov[np.ix_(coords, coords)])
+    weighted = precision @ (x[coords] - mean[coords])
+    position = np.cumsum(coords) - 1  # index of each coordinate within the given set
+    for k in range(n):
+        t = slice(k * dim, (k + 1) * dim)
+        if not np.isfinite(x[t]).all():
+            continue
+        if given[k]:
+            inside = position[t]
+            block = precision[np.ix_(inside, inside)]
+            out[k] = float(np.linalg.norm(np.linalg.solve(block, weighted[inside])))
+        else:
+            predicted = mean[t] + cov[t][:, coords] @ weighted
+            out[k] = float(np.linalg.norm(x[t] - predicted))
+    return out
+
+
+def _aligned_to_mean(points: np.ndarray, mean: np.ndarray, use: np.ndarray) -> np.ndarray:
+    """``points`` mapped onto ``mean`` by the similarity fitted on ``use`` (mean frame)."""
+    scale, rotation, shift = similarity_fit(points[use], mean[use])
+    return scale * points @ rotation.T + shift
+
+
+def _conditional_model(
+    stack: np.ndarray, present: np.ndarray, mean: np.ndarray, localization_mm: float
+) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
+    """Covariance of the complete training shapes aligned to ``mean`` and each
+    landmark's limit: twice the 99.5th percentile of its leave-one-out distance from
+    its prediction by the others, plus ``localization_mm``. (None, None) with fewer than
+    MIN_SHAPES complete shapes."""
+    complete = present.all(axis=1)
+    if complete.sum() < MIN_SHAPES:
+        return None, None
+    n_lm, dim = mean.shape
+    every = np.ones(n_lm, dtype=bool)
+    aligned = np.stack([_aligned_to_mean(sh, mean, every).ravel() for sh in stack[complete]])
+    flat = mean.ravel()
+    held_out = []
+    for i in range(len(aligned)):
+        cov_i = _pose_free(_covariance(np.delete(aligned, i, axis=0), flat), mean)
+        held_out.append(_conditional_residuals(aligned[i], flat, cov_i, every, dim))
+    limit = _RESIDUAL_FACTOR * np.percentile(np.stack(held_out), _RESIDUAL_PERCENTILE, axis=0)
+    return _covariance(aligned, flat), limit + max(localization_mm, 1e-6)
+
+
 def fit_shape_model(
     shapes: Sequence[np.ndarray],
     *,
@@ -226,7 +368,11 @@ def fit_shape_model(
     scale range of the training shapes widened by the augmentation's ``scale`` and a
     further tenth; the largest training rotation plus ``rotation_deg`` and five degrees;
     per landmark twice the 99.5th percentile of its training distances from the fitted
-    mean shape plus ``localization_mm``.
+    mean shape plus ``localization_mm``. With at least :data:`MIN_SHAPES` complete
+    shapes, also the covariance of the aligned shapes (ridge-regularised) and, per
+    landmark, twice the 99.5th percentile of its leave-one-out distance from its
+    prediction by the other landmarks (the Gaussian conditional mean, blind to pose)
+    plus ``localization_mm``.
 
     Args:
         shapes: ``(L, D)`` arrays in the grid frame (:func:`grid_frame_mm`), one per
@@ -300,6 +446,7 @@ def fit_shape_model(
         residuals.append(res)
     res = np.stack(residuals)  # (N, L), NaN where not annotated
     limit = _RESIDUAL_FACTOR * np.nanpercentile(res, _RESIDUAL_PERCENTILE, axis=0)
+    covariance, conditional = _conditional_model(stack, present, mean, localization_mm)
     return ShapeSpec(
         mean_mm=mean,
         scale_range=(
@@ -309,6 +456,8 @@ def fit_shape_model(
         max_rotation_deg=min(180.0, max(rotations) + rotation_deg + _ROTATION_MARGIN_DEG),
         max_residual_mm=limit + max(localization_mm, 1e-6),
         shapes=len(stack),
+        covariance=covariance,
+        max_conditional_mm=conditional,
     )
 
 
@@ -332,9 +481,14 @@ def check_shape(
             drag the scale); all found ones when None or when fewer than D + 2 of them
             are trusted. Every found landmark gets its distance and outlier flag.
 
+    With a covariance in ``spec``, each landmark is then predicted from the others (the
+    points aligned to the mean shape by the fit; the Gaussian conditional mean), and an
+    outlier is a landmark further from its prediction than ``max_conditional_mm``; the
+    worst one is left out of the predictions of the others while more than half remain.
+
     Returns:
-        The fitted scale and rotation, each landmark's distance from the fitted mean
-        shape and its outlier flag, and the problems of the whole configuration: a
+        The fitted scale and rotation, each landmark's distance from where the others
+        put it and its outlier flag, and the problems of the whole configuration: a
         scale or rotation outside the model's range, or fewer than half the landmarks
         consistent with any one placement of the mean shape.
     """
@@ -362,6 +516,18 @@ def check_shape(
     with np.errstate(invalid="ignore"):
         outlier = found & (residual > limit)
     problems = []
+    if (outlier & use).any():
+        problems.append(
+            f"no placement of the mean training shape fits more than {int(use.sum())} "
+            f"of the {fitted} landmarks it was fitted to"
+        )
+    distance = np.where(found, residual, np.nan)
+    if spec.covariance is not None and spec.max_conditional_mm is not None:
+        start = found & (np.asarray(trusted, dtype=bool) if trusted is not None else found)
+        if start.sum() < dim + 2:
+            start = found
+        distance, outlier = _conditional_outliers(points, spec, use, start)
+        distance = distance * scale  # mean-shape frame -> mm in the image
     low, high = spec.scale_range
     if not low <= scale <= high:
         problems.append(
@@ -374,9 +540,31 @@ def check_shape(
             f"shape in the voxel grid (at most {spec.max_rotation_deg:.0f} seen in "
             "training): the anatomy is tilted further than the model was trained for"
         )
-    if (outlier & use).any():
-        problems.append(
-            f"no placement of the mean training shape fits more than {int(use.sum())} "
-            f"of the {fitted} landmarks it was fitted to"
-        )
-    return ShapeCheck(scale, angle, np.where(found, residual, np.nan), outlier, tuple(problems))
+    return ShapeCheck(scale, angle, distance, outlier, tuple(problems))
+
+
+def _conditional_outliers(
+    points: np.ndarray, spec: ShapeSpec, pose: np.ndarray, given: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Distances (mean-shape frame) of each landmark from its prediction by the others
+    and the outlier flags, the points aligned to the mean shape by the similarity fitted
+    on ``pose``. The landmark furthest beyond its limit leaves the set the predictions
+    are conditioned on, and the predictions are repeated, while more than half of
+    ``given`` remain: a misplaced landmark must not move the predictions of the rest."""
+    assert spec.covariance is not None and spec.max_conditional_mm is not None
+    mean, limit = spec.mean_mm, spec.max_conditional_mm
+    dim = mean.shape[1]
+    x = _aligned_to_mean(points, mean, pose).ravel()
+    flat = mean.ravel()
+    cov = _pose_free(spec.covariance, mean)
+    given = given.copy()
+    keep_at_least = max(dim + 1, math.ceil(int(given.sum()) / 2))
+    while True:
+        distance = _conditional_residuals(x, flat, cov, given, dim)
+        ratio = np.where(given, distance / limit, 0.0)
+        worst = int(np.argmax(ratio))
+        if ratio[worst] <= 1.0 or given.sum() <= keep_at_least:
+            break
+        given[worst] = False
+    with np.errstate(invalid="ignore"):
+        return distance, np.isfinite(distance) & (distance > limit)
