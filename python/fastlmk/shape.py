@@ -20,7 +20,7 @@ what the networks are sensitive to; the direction matrix of the image does not e
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -505,14 +505,8 @@ def check_shape(
     if trusted is not None and int(np.sum(found & trusted)) >= dim + 2:
         use &= np.asarray(trusted, dtype=bool)
     fitted = int(use.sum())
-    keep_at_least = max(dim + 1, math.ceil(fitted / 2))
-    while True:
-        scale, angle, residual = _fit(mean, points, use)
-        ratio = np.where(use, residual / limit, 0.0)
-        worst = int(np.argmax(ratio))
-        if ratio[worst] <= 1.0 or use.sum() <= keep_at_least:
-            break
-        use[worst] = False
+    residual, use = _leave_out_worst(lambda u: _fit(mean, points, u)[2], use, limit, dim)
+    scale, angle, _ = _fit(mean, points, use)
     with np.errstate(invalid="ignore"):
         outlier = found & (residual > limit)
     problems = []
@@ -555,16 +549,29 @@ def _conditional_outliers(
     mean, limit = spec.mean_mm, spec.max_conditional_mm
     dim = mean.shape[1]
     x = _aligned_to_mean(points, mean, pose).ravel()
-    flat = mean.ravel()
-    cov = _pose_free(spec.covariance, mean)
-    given = given.copy()
-    keep_at_least = max(dim + 1, math.ceil(int(given.sum()) / 2))
-    while True:
-        distance = _conditional_residuals(x, flat, cov, given, dim)
-        ratio = np.where(given, distance / limit, 0.0)
-        worst = int(np.argmax(ratio))
-        if ratio[worst] <= 1.0 or given.sum() <= keep_at_least:
-            break
-        given[worst] = False
+    flat, cov = mean.ravel(), _pose_free(spec.covariance, mean)
+    distance, _ = _leave_out_worst(
+        lambda g: _conditional_residuals(x, flat, cov, g, dim), given, limit, dim
+    )
     with np.errstate(invalid="ignore"):
         return distance, np.isfinite(distance) & (distance > limit)
+
+
+def _leave_out_worst(
+    distances: Callable[[np.ndarray], np.ndarray], use: np.ndarray, limit: np.ndarray, dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``distances(use)`` after leaving out, one at a time, the landmark of ``use``
+    furthest beyond its ``limit``, while more than half of ``use`` (and D + 1) remain.
+
+    Returns:
+        The last distances and the landmarks still used.
+    """
+    use = use.copy()
+    keep_at_least = max(dim + 1, math.ceil(int(use.sum()) / 2))
+    while True:
+        distance = distances(use)
+        ratio = np.where(use, distance / limit, 0.0)
+        worst = int(np.argmax(ratio))
+        if ratio[worst] <= 1.0 or use.sum() <= keep_at_least:
+            return distance, use
+        use[worst] = False
