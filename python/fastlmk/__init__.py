@@ -9,6 +9,7 @@ Coordinates are physical ITK/LPS millimetres ordered (x, y[, z]).
 """
 
 from .errors import (
+    ArgumentError,
     EvaluationError,
     FastlmkError,
     InvalidImageError,
@@ -27,6 +28,7 @@ from .train import train
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArgumentError",
     "EvaluationError",
     "FastlmkError",
     "InvalidImageError",

@@ -45,6 +45,22 @@ MAX_PASSES = 3
 DONE_DEG = 1.0
 
 
+def _orientation_axes(orientation: str, dim: int) -> np.ndarray:
+    """Direction matrix ``(D, D)`` of the model orientation (3D: e.g. RAS -> diag(-1,
+    -1, 1)); identity in 2D, where images are not reoriented."""
+    if dim == 2:
+        return np.eye(2)
+    cosines = sitk.DICOMOrientImageFilter.GetDirectionCosinesFromOrientation(orientation)
+    return np.array(cosines, dtype=float).reshape(3, 3)
+
+
+def _trusted_count(lm: Landmarks) -> int:
+    """Landmarks found and not flagged by the vote checks (the shape check's flags
+    aside: it flags every landmark of a shape tilted beyond the training range)."""
+    found = np.isfinite(lm.points_mm).all(axis=1)
+    return int(np.sum(found & ~lm.details.get("vote_flagged", lm.flagged)))
+
+
 def _fit_points(lm: Landmarks, dim: int) -> np.ndarray:
     """``(L,)`` bool: the landmarks to fit the rotation to (found and not flagged by the
     vote checks, or all found ones when fewer than D + 2 are)."""
@@ -105,31 +121,30 @@ def localize_aligned(
     img = as_image(image, spacing=spacing, keep_integer=True)
     first, caught = _quiet_localize(img, model, backend)
     check = first.details.get("shape")
-    found = np.isfinite(first.points_mm).all(axis=1)
-    # The vote checks' flags: the shape check flags every landmark of a shape rotated
-    # beyond the training range, which is what realignment is for.
-    trusted = int(np.sum(found & ~first.details.get("vote_flagged", first.flagged)))
+    first_trusted = _trusted_count(first)
     tilted = (
         check is not None
         and np.isfinite(check.rotation_deg)
         and abs(check.rotation_deg) > above_deg
-        # The tilt is measured on points the vote checks trust; when most are flagged
-        # (e.g. a field of view that cuts half of the anatomy off) it is not a tilt.
-        and trusted >= max(cfg.dim + 2, math.ceil(found.sum() / 2))
-        # A wrong spacing is not a tilt either: turning the image would not help.
+        # The tilt is measured on points the vote checks trust: enough to fit it.
+        and first_trusted >= cfg.dim + 2
+        # A wrong spacing is not a tilt: turning the image would not help.
         and cfg.shape.scale_range[0] <= check.scale <= cfg.shape.scale_range[1]
     )
-    if not tilted:
+    if not tilted or check is None:
         _replay(caught, name)
         return replace(first, image=name)
 
     dim = cfg.dim
     oriented = orient(img, cfg.orientation)
     geometry = Geometry.from_sitk(oriented)
-    # The oriented voxels with origin 0 and identity direction: physical = grid frame.
+    # The oriented voxels with origin 0 and the model orientation's axis directions
+    # (``axes``, a signed permutation; identity for LPS and in 2D): the pipeline does
+    # not reorient this image, and physical = axes @ grid frame.
+    axes = _orientation_axes(cfg.orientation, dim)
     grid = sitk.Image(oriented)
     grid.SetOrigin([0.0] * dim)
-    grid.SetDirection(np.eye(dim).ravel().tolist())
+    grid.SetDirection(axes.ravel().tolist())
     # Padding where the turned image leaves the original field of view: the darkest
     # value, the usual background of X-ray and MR images.
     stats = sitk.MinimumMaximumImageFilter()
@@ -145,13 +160,15 @@ def localize_aligned(
         passes += 1
         _, turn, _ = similarity_fit(cfg.shape.mean_mm[use], points[use])
         total = total @ turn
-        # Resample: output(p) = grid(total (p - c) + c): anatomy turned back by total.
+        # Resample: output(g) = input(total (g - c) + c) in the grid frame, i.e. the
+        # anatomy turned back by total; in physical space (p = axes g) the matrix is
+        # axes total axes^T about axes c.
         transform = sitk.AffineTransform(dim)
-        transform.SetMatrix(total.ravel().tolist())
-        transform.SetCenter(centre.tolist())
+        transform.SetMatrix((axes @ total @ axes.T).ravel().tolist())
+        transform.SetCenter((axes @ centre).tolist())
         turned = sitk.Resample(grid, grid, transform, sitk.sitkLinear, background)
         lm, caught = _quiet_localize(turned, model, backend)
-        points = lm.points_mm  # the turned image's physical space is its grid frame
+        points = lm.points_mm @ axes  # grid frame of the turned image
         use = _fit_points(lm, dim)
         remaining = lm.details.get("shape")
         if (
@@ -161,17 +178,37 @@ def localize_aligned(
             or use.sum() < dim + 2
         ):
             break
+    final_found = int(np.isfinite(lm.points_mm).all(axis=1).sum())
+    final_trusted = _trusted_count(lm)
+    if final_trusted < max(dim + 2, math.ceil(final_found / 2), first_trusted):
+        # The turned image did not localize better than the original: its points are
+        # no better founded, and the original's are off by the tilt.
+        _replay(caught, name)
+        flagged_all = replace(
+            first,
+            image=name,
+            flagged=np.ones_like(first.flagged),
+            confidence=np.minimum(first.confidence, 0.5),
+        )
+        warnings.warn(
+            f"{name + ': ' if name else ''}every landmark flagged: the landmarks are "
+            f"tilted {abs(check.rotation_deg):.0f} degrees against the mean training shape "
+            "and the turned image gave no reliable result",
+            ImplausibleShapeWarning,
+            stacklevel=3,
+        )
+        return flagged_all
     _replay(caught, name)
 
     def to_physical(turned_points: np.ndarray) -> np.ndarray:
         """Points (..., D) of the turned image -> LPS mm of the original image."""
-        flat = turned_points.reshape(-1, dim)
+        flat = turned_points.reshape(-1, dim) @ axes  # grid frame of the turned image
         grid_points = (flat - centre) @ total.T + centre
         return index_to_physical(grid_points / geometry.spacing, geometry).reshape(
             turned_points.shape
         )
 
-    physical = to_physical(points)
+    physical = to_physical(lm.points_mm)
     original = Geometry.from_sitk(img)
     index = physical_to_index(physical, original)
     size = np.array(img.GetSize(), dtype=float)

@@ -12,6 +12,8 @@ a safety factor outside it.
 from __future__ import annotations
 
 import json
+import math
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,12 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from .errors import FastlmkError, ModelError
-from .geometry import Geometry
+from .errors import FastlmkError, InvalidImageError, ModelError
+from .geometry import Geometry, physical_to_index
 from .inference import localize
 from .io import as_image
 from .landmark_files import LandmarkTable
-from .model import ConfidenceSpec, LandmarkModel, StageSpec, load_model
+from .model import BUNDLED_MODELS, ConfidenceSpec, LandmarkModel, StageSpec, load_model
 from .preprocess import orient
 from .shape import MIN_SHAPES, ShapeSpec, fit_shape_model, grid_frame_mm
 
@@ -216,6 +218,11 @@ def _update_model_json(
     """Replace top-level ``entries`` and ``metadata`` keys of the model's model.json."""
     if model.path is None:
         raise ModelError("the model was not loaded from a directory; save it first")
+    if Path(model.path).resolve().is_relative_to(BUNDLED_MODELS.resolve()):
+        raise ModelError(
+            f"{model.path} is a model bundled with fastlmk: copy its directory and "
+            "calibrate the copy"
+        )
     path = Path(model.path) / "model.json"
     try:
         doc = json.loads(path.read_text())
@@ -268,35 +275,40 @@ def calibrate_shape(
     if not isinstance(model, LandmarkModel):
         model = load_model(model)
     cfg = model.config
-    augment = cfg.metadata.get("training", {}).get("augment", {})
-    if rotation_deg is None:
-        rotation_deg = float(augment.get("rotation_deg", 0.0))
-    if scale is None:
-        scale = float(augment.get("scale", 0.0))
-    shapes, without = [], []
+    rotation_deg, scale = _augmentation(cfg.metadata, rotation_deg, scale)
+    if isinstance(images, str | Path):  # one file, not its characters
+        images = [images]
+    shapes, without, seen = [], [], set()
     for item in images:
         if not isinstance(item, str | Path):
             raise FastlmkError(
                 "calibrate_shape takes image files (their names give the image ids), "
                 f"not {type(item).__name__}"
             )
+        if not Path(item).exists():
+            raise InvalidImageError(f"{item}: no such file or directory")
         image_id = Path(item).name.split(".")[0]
+        if image_id in seen:
+            # The same image twice would count as two training shapes that agree
+            # perfectly, and make the limits too tight.
+            raise FastlmkError(f"{item}: image id {image_id!r} is given more than once")
+        seen.add(image_id)
         if image_id not in landmarks:
             without.append(image_id)
             continue
-        geometry = Geometry.from_sitk(orient(as_image(item, spacing=spacing), cfg.orientation))
-        table = landmarks[image_id]
-        try:
-            points = np.array(
-                [table.get(n, np.full(cfg.dim, np.nan)) for n in cfg.landmarks], dtype=float
+        image = as_image(item, spacing=spacing)
+        if image.GetDimension() != cfg.dim:
+            raise InvalidImageError(
+                f"{item}: a {image.GetDimension()}D image; model {cfg.name!r} is {cfg.dim}D"
             )
-        except ValueError:  # points of several dimensionalities
-            points = np.empty(0)
-        if points.shape != (len(cfg.landmarks), cfg.dim):
-            raise FastlmkError(
-                f"the annotations of {image_id} are not {cfg.dim}D like model {cfg.name!r}"
-            )
-        shapes.append(grid_frame_mm(points, geometry))
+        geometry = Geometry.from_sitk(orient(image, cfg.orientation))
+        shapes.append(_annotated_shape(landmarks[image_id], cfg, image_id, geometry))
+    if without:
+        warnings.warn(
+            f"calibrate_shape: {len(without)} image(s) without annotations skipped: "
+            f"{', '.join(without[:5])}{' ...' if len(without) > 5 else ''}",
+            stacklevel=2,
+        )
     if len(shapes) < MIN_SHAPES:
         missing = f" (no annotation for {', '.join(without[:5])}...)" if without else ""
         raise FastlmkError(
@@ -312,6 +324,66 @@ def calibrate_shape(
         )
     except ValueError as exc:
         raise FastlmkError(f"no shape model for {cfg.name!r}: {exc}") from None
+
+
+def _augmentation(
+    metadata: dict[str, Any], rotation_deg: float | None, scale: float | None
+) -> tuple[float, float]:
+    """The augmentation to widen the limits by: the arguments, else the values recorded
+    by training (``metadata.training.augment``), else none; checked."""
+    training = metadata.get("training")
+    augment = training.get("augment") if isinstance(training, dict) else None
+    if not isinstance(augment, dict):
+        augment = {}
+    values = {
+        "rotation_deg": augment.get("rotation_deg", 0.0) if rotation_deg is None else rotation_deg,
+        "scale": augment.get("scale", 0.0) if scale is None else scale,
+    }
+    limits = {"rotation_deg": (0.0, 180.0, True), "scale": (0.0, 1.0, False)}
+    out = {}
+    for key, value in values.items():
+        low, high, closed = limits[key]
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = math.nan
+        if not (low <= number <= high if closed else low <= number < high):
+            raise FastlmkError(
+                f"augmentation {key} = {value!r} (argument or the model's metadata) is not "
+                f"in [{low:g}, {high:g}{']' if closed else ')'}"
+            )
+        out[key] = number
+    return out["rotation_deg"], out["scale"]
+
+
+def _annotated_shape(
+    table: dict[str, np.ndarray], cfg: Any, image_id: str, geometry: Geometry
+) -> np.ndarray:
+    """One image's annotations ``(L, D)`` in its grid frame (NaN rows: not annotated);
+    refused when they are of another dimensionality or outside the image."""
+    try:
+        points = np.array(
+            [table.get(n, np.full(cfg.dim, np.nan)) for n in cfg.landmarks], dtype=float
+        )
+    except ValueError:  # points of several dimensionalities
+        points = np.empty(0)
+    if points.shape != (len(cfg.landmarks), cfg.dim):
+        raise FastlmkError(
+            f"the annotations of {image_id} are not {cfg.dim}D like model {cfg.name!r}"
+        )
+    index = physical_to_index(points, geometry)
+    size = np.array(geometry.size, dtype=float)
+    with np.errstate(invalid="ignore"):
+        outside = np.isfinite(index).all(axis=1) & ~(
+            (index >= -0.5) & (index <= size - 0.5)
+        ).all(axis=1)
+    if outside.any():
+        names = [n for n, o in zip(cfg.landmarks, outside, strict=True) if o]
+        raise FastlmkError(
+            f"{image_id}: annotated point(s) {', '.join(names)} lie outside the image; "
+            "annotations must be physical LPS coordinates in mm (not pixels) of this image"
+        )
+    return grid_frame_mm(points, geometry)
 
 
 def write_shape(model: LandmarkModel, spec: ShapeSpec) -> Path:

@@ -123,15 +123,16 @@ def _cmd_localize(args: argparse.Namespace) -> int:
     import time
     import warnings
 
-    from .inference import localize
+    from .inference import _align_threshold, localize
     from .io import as_image, make_output_directory
     from .landmark_files import write_landmark_csv
     from .model import load_model
     from .overlay import write_overlay
     from .shape import ImplausibleShapeWarning
 
-    out = make_output_directory(args.out, FastlmkError, "the results (--out)")
     model = load_model(args.model)
+    _align_threshold(model, args.align)  # a model that cannot realign: one error, up front
+    out = make_output_directory(args.out, FastlmkError, "the results (--out)")
     table_path = out / "landmarks.csv"
     table = _previous_table(table_path, model.names, model.dim)
     spacing = _spacing(args)
@@ -307,6 +308,8 @@ def _cmd_ensemble(args: argparse.Namespace) -> int:
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
+    import warnings
+
     from .calibration import calibrate_confidence, calibrate_shape, write_calibration, write_shape
     from .evaluate import mean_table
     from .landmark_files import read_landmarks
@@ -321,17 +324,29 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     model = load_model(args.model)
     if args.shape_only and not args.landmarks:
         raise FastlmkError("--shape-only needs --landmarks FILE [FILE ...]")
+    shape = None
     if args.landmarks:
         # Read (and checked) before any image is localized.
         table = mean_table([read_landmarks(f) for f in args.landmarks])
-        shape = calibrate_shape(
-            model,
-            args.images,
-            table,
-            spacing=_spacing(args),
-            rotation_deg=args.rotation_deg,
-            scale=args.scale,
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            shape = calibrate_shape(
+                model,
+                args.images,
+                table,
+                spacing=_spacing(args),
+                rotation_deg=args.rotation_deg,
+                scale=args.scale,
+            )
+        for w in caught:
+            print(f"note: {w.message}", file=sys.stderr)
+    # Everything is computed before model.json is touched: a failure changes nothing.
+    result = None
+    if not args.shape_only:
+        result = calibrate_confidence(
+            model, args.images, spacing=_spacing(args), backend=args.backend
         )
+    if shape is not None:
         path = write_shape(model, shape)
         low_s, high_s = shape.scale_range
         limits, what = shape.max_residual_mm, "from the fitted mean shape"
@@ -343,10 +358,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             f"{limits.min():.3g}..{limits.max():.3g} mm {what}\n"
             f"written to {path}"
         )
-    if args.shape_only:
+    if result is None:
         return 0
     before = model.config.confidence
-    result = calibrate_confidence(model, args.images, spacing=_spacing(args), backend=args.backend)
     path = write_calibration(model, result)
     after = result.spec
     low, high = result.weight_range

@@ -11,6 +11,7 @@ Messages follow one pattern: what was wrong, what was expected, what to do.
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "EvaluationError",
     "FastlmkError",
     "InvalidImageError",
@@ -45,3 +46,7 @@ class ModelError(FastlmkError, ValueError):
 class EvaluationError(FastlmkError, ValueError):
     """Predictions and references cannot be compared: no reference, no image id in
     common, or points of different dimensionality (2D against 3D)."""
+
+
+class ArgumentError(FastlmkError, ValueError):
+    """A function argument has the wrong type or is out of range (e.g. ``align``)."""

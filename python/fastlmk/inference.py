@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from . import geometry
 from .backends import Backend, get_backend, run_local_stages
-from .errors import InvalidImageError, ModelError
+from .errors import ArgumentError, InvalidImageError, ModelError
 from .io import as_image
 from .landmarks import Landmarks
 from .model import LandmarkModel, load_model
@@ -242,19 +242,21 @@ def _align_threshold(model: LandmarkModel, align: bool | float | None) -> float 
     cfg = model.config
     if align is None:
         return cfg.align_above_deg if cfg.shape is not None else None
-    if align is False:
-        return None
+    if isinstance(align, bool | np.bool_):
+        if not align:
+            return None
+    elif not isinstance(align, int | float | np.integer | np.floating) or not (
+        0 <= float(align) <= 180
+    ):
+        raise ArgumentError(f"align must be None, a bool or degrees in [0, 180], not {align!r}")
     if cfg.shape is None:
         raise ModelError(
             f"align: model {cfg.name!r} has no shape model to measure the tilt against; "
             "fit one with fastlmk calibrate --landmarks"
         )
-    if align is True:
+    if isinstance(align, bool | np.bool_):
         return cfg.align_above_deg if cfg.align_above_deg is not None else DEFAULT_ALIGN_DEG
-    degrees = float(align)
-    if not 0 <= degrees <= 180:
-        raise ValueError(f"align must be a bool or degrees in [0, 180], not {align!r}")
-    return degrees
+    return float(align)
 
 
 def _image_tensor(image: sitk.Image, device: torch.device) -> torch.Tensor:

@@ -43,6 +43,7 @@ from .networks import (
 from .shape import ShapeSpec
 
 __all__ = [
+    "BUNDLED_MODELS",
     "FORMAT_VERSION",
     "ConfidenceSpec",
     "IntensitySpec",
@@ -57,6 +58,8 @@ __all__ = [
 
 FORMAT_VERSION = 1
 _BUNDLED = Path(__file__).parent / "models"
+# The directory of the models shipped in the package (not to be rewritten in place).
+BUNDLED_MODELS = _BUNDLED
 # Stems of stage weight files: global, local, local2, local3 ... (see local_stage_names).
 _STAGE_STEM = re.compile(r"global|local(?:[2-9]|[1-9][0-9]+)?")
 

@@ -130,7 +130,7 @@ class ShapeSpec:
             covariance = None if cov is None else np.asarray(cov, dtype=np.float64)
             cond = d.get("max_conditional_mm")
             conditional = None if cond is None else np.asarray(cond, dtype=np.float64)
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ModelError(
                 f"model.json: invalid 'shape' entry ({type(exc).__name__}: {exc}); "
                 "remove it (no shape check) or recompute it with fastlmk calibrate "
@@ -141,9 +141,11 @@ class ShapeSpec:
             mean.shape == (n, dim)
             and residual.shape == (n,)
             and np.isfinite(mean).all()
-            and bool(np.all(residual > 0))
+            and _spans(mean, dim)
+            and _positive_limits(residual)
             and 0 < low <= 1 <= high < math.inf
             and 0 < rotation <= 180
+            and 0 < shapes
             and (covariance is None) == (conditional is None)
             and (
                 covariance is None
@@ -151,9 +153,8 @@ class ShapeSpec:
                 or (
                     covariance.shape == (n * dim, n * dim)
                     and conditional.shape == (n,)
-                    and np.isfinite(covariance).all()
-                    and np.allclose(covariance, covariance.T, rtol=1e-4, atol=1e-6)
-                    and bool(np.all(conditional > 0))
+                    and _positive_definite(covariance)
+                    and _positive_limits(conditional)
                 )
             )
         )
@@ -164,6 +165,27 @@ class ShapeSpec:
                 "recompute it with fastlmk calibrate --landmarks"
             )
         return cls(mean, (low, high), rotation, residual, shapes, covariance, conditional)
+
+
+def _positive_limits(limits: np.ndarray) -> bool:
+    return bool(np.all(np.isfinite(limits) & (limits > 0)))
+
+
+def _spans(mean: np.ndarray, dim: int) -> bool:
+    """The mean shape has a size and is not all on one line (a rotation can be fitted)."""
+    centred = mean - mean.mean(axis=0)
+    singular = np.linalg.svd(centred, compute_uv=False)
+    return bool(singular[0] > 0 and singular[1] > 1e-6 * singular[0])
+
+
+def _positive_definite(cov: np.ndarray) -> bool:
+    if not np.isfinite(cov).all() or not np.allclose(cov, cov.T, rtol=1e-4, atol=1e-6):
+        return False
+    try:
+        np.linalg.cholesky((cov + cov.T) / 2)
+    except np.linalg.LinAlgError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, eq=False)
@@ -337,12 +359,14 @@ def _conditional_model(
 ) -> tuple[np.ndarray, np.ndarray] | tuple[None, None]:
     """Covariance of the complete training shapes aligned to ``mean`` and each
     landmark's limit: twice the 99.5th percentile of its leave-one-out distance from
-    its prediction by the others, plus ``localization_mm``. (None, None) with fewer than
-    MIN_SHAPES complete shapes."""
+    its prediction by the others, plus ``localization_mm``. (None, None) unless there
+    are more complete shapes than coordinates (L * D) and than MIN_SHAPES."""
     complete = present.all(axis=1)
-    if complete.sum() < MIN_SHAPES:
-        return None, None
     n_lm, dim = mean.shape
+    # With fewer shapes than coordinates the covariance is mostly ridge: the leave-one-
+    # out limits come out far too tight and flag correct points.
+    if complete.sum() <= max(MIN_SHAPES, n_lm * dim):
+        return None, None
     every = np.ones(n_lm, dtype=bool)
     aligned = np.stack([_aligned_to_mean(sh, mean, every).ravel() for sh in stack[complete]])
     flat = mean.ravel()
@@ -368,11 +392,11 @@ def fit_shape_model(
     scale range of the training shapes widened by the augmentation's ``scale`` and a
     further tenth; the largest training rotation plus ``rotation_deg`` and five degrees;
     per landmark twice the 99.5th percentile of its training distances from the fitted
-    mean shape plus ``localization_mm``. With at least :data:`MIN_SHAPES` complete
-    shapes, also the covariance of the aligned shapes (ridge-regularised) and, per
-    landmark, twice the 99.5th percentile of its leave-one-out distance from its
-    prediction by the other landmarks (the Gaussian conditional mean, blind to pose)
-    plus ``localization_mm``.
+    mean shape plus ``localization_mm``. With more complete shapes than coordinates
+    (L * D) and than :data:`MIN_SHAPES`, also the covariance of the aligned shapes
+    (ridge-regularised) and, per landmark, twice the 99.5th percentile of its
+    leave-one-out distance from its prediction by the other landmarks (the Gaussian
+    conditional mean, blind to pose) plus ``localization_mm``.
 
     Args:
         shapes: ``(L, D)`` arrays in the grid frame (:func:`grid_frame_mm`), one per
@@ -387,9 +411,15 @@ def fit_shape_model(
 
     Raises:
         ValueError: fewer than :data:`MIN_SHAPES` shapes with at least D + 2 landmarks,
-            shapes of different sizes, or a landmark annotated on fewer than half of
-            the shapes.
+            shapes of different sizes, a landmark annotated on fewer than half of
+            the shapes, or an augmentation value out of range.
     """
+    if not (math.isfinite(rotation_deg) and 0 <= rotation_deg <= 180):
+        raise ValueError(f"rotation_deg must be degrees in [0, 180], not {rotation_deg!r}")
+    if not (math.isfinite(scale) and 0 <= scale < 1):
+        raise ValueError(f"scale must be a relative change in [0, 1), not {scale!r}")
+    if not (math.isfinite(localization_mm) and localization_mm >= 0):
+        raise ValueError(f"localization_mm must be >= 0, not {localization_mm!r}")
     if not shapes:
         raise ValueError("fit_shape_model needs annotated shapes")
     stack = np.stack([np.asarray(s, dtype=np.float64) for s in shapes])  # (N, L, D)
@@ -494,6 +524,13 @@ def check_shape(
     """
     points = np.asarray(points, dtype=np.float64)
     mean, limit = spec.mean_mm, spec.max_residual_mm
+    if points.shape != mean.shape:
+        raise ValueError(
+            f"check_shape: points of shape {points.shape}; the model has {mean.shape} "
+            "(landmarks, dimensions)"
+        )
+    if trusted is not None and np.shape(trusted) != (len(mean),):
+        raise ValueError(f"check_shape: trusted must have shape ({len(mean)},)")
     found = np.isfinite(points).all(axis=1)
     dim = mean.shape[1]
     n_found = int(found.sum())
