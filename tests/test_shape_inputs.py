@@ -248,3 +248,31 @@ def test_a_realignment_that_does_not_help_flags_everything(
     with warnings.catch_warnings():
         warnings.simplefilter("error", ImplausibleShapeWarning)
         fastlmk.localize(image, model_2d, align=False)
+
+
+def test_too_few_trusted_landmarks_make_the_whole_result_implausible(model_2d: Path) -> None:
+    spec = fastlmk.load_model(model_2d).config.shape
+    assert spec is not None
+    n = len(spec.mean_mm)  # 4 phantom landmarks, 2D: D + 2 = 4
+    check = check_shape(spec.mean_mm, spec, trusted=np.arange(n) < 1)
+    assert not check.plausible and "only 1 of the 4 landmarks" in check.problems[-1]
+    assert check_shape(spec.mean_mm, spec, trusted=np.arange(n) < 3).plausible  # 3 >= half
+
+
+def test_a_tilt_that_cannot_be_measured_flags_everything(
+    model_2d: Path, phantom_2d: Path, monkeypatch
+) -> None:
+    real = align_module._quiet_localize
+    calls = []
+
+    def one_vote_flag(image, model, backend):
+        lm, caught = real(image, model, backend)
+        calls.append(1)
+        lm.details["vote_flagged"] = np.arange(len(lm.names)) == 0  # 3 of 4 trusted < D + 2
+        return lm, caught
+
+    monkeypatch.setattr(align_module, "_quiet_localize", one_vote_flag)
+    image = sitk.ReadImage(str(_images(phantom_2d, 1)[0]))
+    with pytest.warns(ImplausibleShapeWarning, match="too few to realign"):
+        lm = fastlmk.localize(image, model_2d, align=0.0)
+    assert len(calls) == 1 and lm.flagged.all() and "alignment" not in lm.details

@@ -61,6 +61,24 @@ def _trusted_count(lm: Landmarks) -> int:
     return int(np.sum(found & ~lm.details.get("vote_flagged", lm.flagged)))
 
 
+def _all_flagged(
+    first: Landmarks, name: str, caught: list[warnings.WarningMessage], why: str
+) -> Landmarks:
+    """The first pass with every landmark flagged, and a warning saying ``why``."""
+    _replay([w for w in caught if not issubclass(w.category, ImplausibleShapeWarning)], name)
+    warnings.warn(
+        f"{name + ': ' if name else ''}every landmark flagged: {why}",
+        ImplausibleShapeWarning,
+        stacklevel=4,
+    )
+    return replace(
+        first,
+        image=name,
+        flagged=np.ones_like(first.flagged),
+        confidence=np.minimum(first.confidence, 0.5),
+    )
+
+
 def _fit_points(lm: Landmarks, dim: int) -> np.ndarray:
     """``(L,)`` bool: the landmarks to fit the rotation to (found and not flagged by the
     vote checks, or all found ones when fewer than D + 2 are)."""
@@ -120,20 +138,30 @@ def localize_aligned(
     name = Path(image).name.split(".")[0] if isinstance(image, str | Path) else ""
     img = as_image(image, spacing=spacing, keep_integer=True)
     first, caught = _quiet_localize(img, model, backend)
+    first_caught = caught
     check = first.details.get("shape")
     first_trusted = _trusted_count(first)
     tilted = (
         check is not None
         and np.isfinite(check.rotation_deg)
         and abs(check.rotation_deg) > above_deg
-        # The tilt is measured on points the vote checks trust: enough to fit it.
-        and first_trusted >= cfg.dim + 2
         # A wrong spacing is not a tilt: turning the image would not help.
         and cfg.shape.scale_range[0] <= check.scale <= cfg.shape.scale_range[1]
     )
     if not tilted or check is None:
         _replay(caught, name)
         return replace(first, image=name)
+    if first_trusted < cfg.dim + 2:
+        # Tilted, as far as the points tell, but too few of them pass the vote checks
+        # to measure the tilt: the few that pass are no more credible than the rest.
+        return _all_flagged(
+            first,
+            name,
+            caught,
+            f"the landmarks are tilted {abs(check.rotation_deg):.0f} degrees against the "
+            f"mean training shape and only {first_trusted} pass the vote checks, too few "
+            "to realign the image",
+        )
 
     dim = cfg.dim
     oriented = orient(img, cfg.orientation)
@@ -183,21 +211,13 @@ def localize_aligned(
     if final_trusted < max(dim + 2, math.ceil(final_found / 2), first_trusted):
         # The turned image did not localize better than the original: its points are
         # no better founded, and the original's are off by the tilt.
-        _replay(caught, name)
-        flagged_all = replace(
+        return _all_flagged(
             first,
-            image=name,
-            flagged=np.ones_like(first.flagged),
-            confidence=np.minimum(first.confidence, 0.5),
+            name,
+            first_caught,
+            f"the landmarks are tilted {abs(check.rotation_deg):.0f} degrees against the "
+            "mean training shape and the turned image gave no reliable result",
         )
-        warnings.warn(
-            f"{name + ': ' if name else ''}every landmark flagged: the landmarks are "
-            f"tilted {abs(check.rotation_deg):.0f} degrees against the mean training shape "
-            "and the turned image gave no reliable result",
-            ImplausibleShapeWarning,
-            stacklevel=3,
-        )
-        return flagged_all
     _replay(caught, name)
 
     def to_physical(turned_points: np.ndarray) -> np.ndarray:

@@ -519,8 +519,9 @@ def check_shape(
     Returns:
         The fitted scale and rotation, each landmark's distance from where the others
         put it and its outlier flag, and the problems of the whole configuration: a
-        scale or rotation outside the model's range, or fewer than half the landmarks
-        consistent with any one placement of the mean shape.
+        scale or rotation outside the model's range, fewer than half the landmarks
+        consistent with any one placement of the mean shape, or fewer than D + 2 and
+        than half of the found landmarks trusted.
     """
     points = np.asarray(points, dtype=np.float64)
     mean, limit = spec.mean_mm, spec.max_residual_mm
@@ -539,8 +540,9 @@ def check_shape(
         # Too few points to say anything about their configuration.
         return ShapeCheck(math.nan, math.nan, nan, np.zeros(len(points), bool), ())
     use = found.copy()
-    if trusted is not None and int(np.sum(found & trusted)) >= dim + 2:
-        use &= np.asarray(trusted, dtype=bool)
+    n_trusted = n_found if trusted is None else int(np.sum(found & trusted))
+    if n_trusted >= dim + 2:
+        use &= np.asarray(trusted, dtype=bool) if trusted is not None else found
     fitted = int(use.sum())
     residual, use = _leave_out_worst(lambda u: _fit(mean, points, u)[2], use, limit, dim)
     scale, angle, _ = _fit(mean, points, use)
@@ -570,6 +572,13 @@ def check_shape(
             f"the landmarks are rotated {abs(angle):.0f} degrees against the mean training "
             f"shape in the voxel grid (at most {spec.max_rotation_deg:.0f} seen in "
             "training): the anatomy is tilted further than the model was trained for"
+        )
+    if n_trusted < dim + 2 and n_trusted < n_found / 2:
+        # Most landmarks failed the other checks and the few left cannot be checked
+        # against each other: they are no more credible than the rest.
+        problems.append(
+            f"only {n_trusted} of the {n_found} landmarks found pass the vote checks, "
+            "too few to check their configuration"
         )
     return ShapeCheck(scale, angle, distance, outlier, tuple(problems))
 
