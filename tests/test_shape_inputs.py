@@ -276,3 +276,30 @@ def test_a_tilt_that_cannot_be_measured_flags_everything(
     with pytest.warns(ImplausibleShapeWarning, match="too few to realign"):
         lm = fastlmk.localize(image, model_2d, align=0.0)
     assert len(calls) == 1 and lm.flagged.all() and "alignment" not in lm.details
+
+
+def test_collinear_annotations_give_no_shape_model() -> None:
+    rng = np.random.default_rng(1)
+    line = np.column_stack([np.linspace(-40, 40, 8), np.zeros(8)])
+    shapes = [line * rng.uniform(0.9, 1.1) + rng.normal(0, 1e-9, line.shape) for _ in range(20)]
+    with pytest.raises(ValueError, match="one line"):
+        fit_shape_model(shapes)
+
+
+def test_a_turned_image_with_one_landmark_less_trusted_is_kept(
+    model_2d: Path, phantom_2d: Path, monkeypatch
+) -> None:
+    real = align_module._quiet_localize
+    calls = []
+
+    def second_pass_loses_one(image, model, backend):
+        lm, caught = real(image, model, backend)
+        calls.append(1)
+        if len(calls) > 1:  # 3 of 4 still trusted: at least half
+            lm.details["vote_flagged"] = np.arange(len(lm.names)) == 0
+        return lm, caught
+
+    monkeypatch.setattr(align_module, "_quiet_localize", second_pass_loses_one)
+    image = sitk.ReadImage(str(_images(phantom_2d, 1)[0]))
+    lm = fastlmk.localize(image, model_2d, align=0.0)
+    assert "alignment" in lm.details

@@ -208,9 +208,9 @@ def localize_aligned(
             break
     final_found = int(np.isfinite(lm.points_mm).all(axis=1).sum())
     final_trusted = _trusted_count(lm)
-    if final_trusted < max(dim + 2, math.ceil(final_found / 2), first_trusted):
-        # The turned image did not localize better than the original: its points are
-        # no better founded, and the original's are off by the tilt.
+    if final_trusted < max(dim + 1, math.ceil(final_found / 2)):
+        # Most landmarks of the turned image fail the vote checks: its points are not
+        # founded, and the original's are off by the tilt.
         return _all_flagged(
             first,
             name,

@@ -461,6 +461,11 @@ def fit_shape_model(
     fix = np.ones(dim)
     fix[-1] = np.sign(np.linalg.det(u @ vt)) or 1.0
     mean = mean @ ((u * fix) @ vt).T
+    if not _spans(mean, dim):
+        raise ValueError(
+            "the annotated landmarks lie on one line (or on one point): no rotation can "
+            "be measured against them"
+        )
     # The mean at the training shapes' mean size (Procrustes shrinks it slightly).
     sizes = [
         np.sqrt(np.mean(np.sum((sh[u] - sh[u].mean(axis=0)) ** 2, axis=1)))
