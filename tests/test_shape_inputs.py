@@ -227,18 +227,13 @@ def test_realignment_of_a_model_with_ras_orientation(model_3d: Path, phantom_3d:
 def test_a_realignment_that_does_not_help_flags_everything(
     model_2d: Path, phantom_2d: Path, monkeypatch
 ) -> None:
-    real = align_module._quiet_localize
-    calls = []
-
-    def second_pass_sees_nothing(image, model, backend):
-        lm, caught = real(image, model, backend)
-        calls.append(1)
-        if len(calls) > 1:  # the turned image: every vote check fails
+    def second_pass_sees_nothing(lm, number):
+        if number > 1:  # the turned image: every vote check fails
             lm.details["vote_flagged"] = np.ones(len(lm.names), bool)
             lm = replace(lm, flagged=np.ones(len(lm.names), bool))
-        return lm, caught
+        return lm
 
-    monkeypatch.setattr(align_module, "_quiet_localize", second_pass_sees_nothing)
+    calls = _edit_passes(monkeypatch, second_pass_sees_nothing)
     image = sitk.ReadImage(str(_images(phantom_2d, 1)[0]))
     plain = fastlmk.localize(image, model_2d, align=False)
     with pytest.warns(ImplausibleShapeWarning, match="turned image gave no reliable result"):
@@ -262,16 +257,11 @@ def test_too_few_trusted_landmarks_make_the_whole_result_implausible(model_2d: P
 def test_a_tilt_that_cannot_be_measured_flags_everything(
     model_2d: Path, phantom_2d: Path, monkeypatch
 ) -> None:
-    real = align_module._quiet_localize
-    calls = []
-
-    def one_vote_flag(image, model, backend):
-        lm, caught = real(image, model, backend)
-        calls.append(1)
+    def one_vote_flag(lm, number):
         lm.details["vote_flagged"] = np.arange(len(lm.names)) == 0  # 3 of 4 trusted < D + 2
-        return lm, caught
+        return lm
 
-    monkeypatch.setattr(align_module, "_quiet_localize", one_vote_flag)
+    calls = _edit_passes(monkeypatch, one_vote_flag)
     image = sitk.ReadImage(str(_images(phantom_2d, 1)[0]))
     with pytest.warns(ImplausibleShapeWarning, match="too few to realign"):
         lm = fastlmk.localize(image, model_2d, align=0.0)
@@ -289,17 +279,27 @@ def test_collinear_annotations_give_no_shape_model() -> None:
 def test_a_turned_image_with_one_landmark_less_trusted_is_kept(
     model_2d: Path, phantom_2d: Path, monkeypatch
 ) -> None:
-    real = align_module._quiet_localize
-    calls = []
-
-    def second_pass_loses_one(image, model, backend):
-        lm, caught = real(image, model, backend)
-        calls.append(1)
-        if len(calls) > 1:  # 3 of 4 still trusted: at least half
+    def second_pass_loses_one(lm, number):
+        if number > 1:  # 3 of 4 still trusted: at least half
             lm.details["vote_flagged"] = np.arange(len(lm.names)) == 0
-        return lm, caught
+        return lm
 
-    monkeypatch.setattr(align_module, "_quiet_localize", second_pass_loses_one)
+    _edit_passes(monkeypatch, second_pass_loses_one)
     image = sitk.ReadImage(str(_images(phantom_2d, 1)[0]))
     lm = fastlmk.localize(image, model_2d, align=0.0)
     assert "alignment" in lm.details
+
+
+def _edit_passes(monkeypatch, edit) -> list[int]:
+    """Run every localization pass of fastlmk.align through ``edit(lm, pass_number)``
+    (1: the first pass, 2...: turned images); returns the list of pass numbers run."""
+    real = align_module._quiet_localize
+    calls: list[int] = []
+
+    def edited(image, model, backend):
+        lm, caught = real(image, model, backend)
+        calls.append(len(calls) + 1)
+        return edit(lm, calls[-1]), caught
+
+    monkeypatch.setattr(align_module, "_quiet_localize", edited)
+    return calls
