@@ -228,3 +228,10 @@ def test_orient_to_2d_and_invalid_codes() -> None:
     for bad in ("LPX", "LLS", "LP"):
         with pytest.raises(ValueError, match="orientation"):
             geometry.orient_to(volume, bad)
+
+
+def test_inside_image_is_half_a_voxel_around_the_centres() -> None:
+    from fastlmk.geometry import inside_image
+
+    index = np.array([[-0.5, 0.0], [-0.51, 0.0], [9.5, 4.5], [9.5, 4.51], [np.nan, 1.0]])
+    assert inside_image(index, (10, 5)).tolist() == [True, False, True, False, False]

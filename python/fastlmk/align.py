@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import SimpleITK as sitk
 
-from .geometry import Geometry, index_to_physical, physical_to_index
+from .geometry import Geometry, index_to_physical, inside_image, physical_to_index
 from .io import as_image
 from .landmarks import Landmarks
 from .model import LandmarkModel
@@ -231,9 +231,7 @@ def localize_aligned(
     physical = to_physical(lm.points_mm)
     original = Geometry.from_sitk(img)
     index = physical_to_index(physical, original)
-    size = np.array(img.GetSize(), dtype=float)
-    with np.errstate(invalid="ignore"):
-        inside = ((index >= -0.5) & (index <= size - 0.5)).all(axis=1)
+    inside = inside_image(index, img.GetSize())
     flagged = lm.flagged | ~inside
     details = dict(lm.details)
     for key in ("global_points_mm", "local_stage_points_mm"):

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import FastlmkError, InvalidImageError, ModelError
-from .geometry import Geometry, physical_to_index
+from .geometry import Geometry, inside_image, physical_to_index
 from .inference import localize
 from .io import as_image
 from .landmark_files import LandmarkTable
@@ -372,11 +372,7 @@ def _annotated_shape(
             f"the annotations of {image_id} are not {cfg.dim}D like model {cfg.name!r}"
         )
     index = physical_to_index(points, geometry)
-    size = np.array(geometry.size, dtype=float)
-    with np.errstate(invalid="ignore"):
-        outside = np.isfinite(index).all(axis=1) & ~(
-            (index >= -0.5) & (index <= size - 0.5)
-        ).all(axis=1)
+    outside = np.isfinite(index).all(axis=1) & ~inside_image(index, geometry.size)
     if outside.any():
         names = [n for n, o in zip(cfg.landmarks, outside, strict=True) if o]
         raise FastlmkError(

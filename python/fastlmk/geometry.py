@@ -30,6 +30,7 @@ __all__ = [
     "Geometry",
     "array_index_to_itk",
     "index_to_physical",
+    "inside_image",
     "itk_index_to_array",
     "orient_to",
     "physical_to_index",
@@ -267,6 +268,15 @@ def physical_to_index(points_xyz: Any, geometry: Geometry | sitk.Image) -> np.nd
     g = _as_geometry(geometry)
     points = _check_points(points_xyz, g.dim, "points_xyz")
     return (points - g.origin) @ g.physical_to_index_matrix.T
+
+
+def inside_image(index_xyz: Any, size: Sequence[int]) -> np.ndarray:
+    """``(N,)`` bool: continuous ITK indices ``(N, D)`` within the image of ``size``
+    voxels (x, y[, z]), i.e. within half a voxel of its centres; False for NaN."""
+    index = np.asarray(index_xyz, dtype=np.float64)
+    upper = np.asarray(size, dtype=np.float64) - 0.5
+    with np.errstate(invalid="ignore"):
+        return np.asarray(((index >= -0.5) & (index <= upper)).all(axis=-1))
 
 
 def array_index_to_itk(idx_zyx: Any) -> np.ndarray:

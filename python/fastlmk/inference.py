@@ -410,8 +410,7 @@ def _assemble(
             details["local_stage_points_mm"] = pts
 
     index = geometry.physical_to_index(points, original)
-    size = np.array(img.GetSize(), dtype=float)
-    inside = ((index >= -0.5) & (index <= size - 0.5)).all(axis=1)
+    inside = geometry.inside_image(index, img.GetSize())
     conf = _confidence(model, weights, spread_mm)
     c = cfg.confidence
     stage_weights = np.stack([np.nan_to_num(w) for w in weights])
